@@ -23,6 +23,7 @@ class RecordError(EditscaleError, ValueError):
             where.append(f"field '{field}'")
         prefix = ", ".join(where)
         super().__init__(f"{prefix}: {message}" if prefix else message)
+        self.detail = message  # the message without the location prefix
         self.index = index
         self.case_id = case_id
         self.field = field

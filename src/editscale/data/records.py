@@ -8,11 +8,14 @@ without their leading space; the model family's spacing rule is applied when tok
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
-from editscale.errors import RecordError
+from editscale.errors import EditscaleError, RecordError
 
 
 @dataclass(frozen=True)
@@ -124,3 +127,104 @@ def validate_records(records: Iterable[EditRecord], *, source: str | None = None
                               case_id=r.case_id, field="case_id", source=source)
         seen[r.case_id] = i
     return out
+
+
+class RawRecord:
+    """Typed access to one raw JSON record; every error names source, index, case_id and dotted field.
+
+    Loaders for the various dataset schemas share it so their messages read the same way, e.g.
+    ``data.json, record #3, case_id=17, field 'requested_rewrite.target_new.str': missing required field``.
+    """
+
+    def __init__(self, raw: Any, *, index: int, source: str | None = None) -> None:
+        self.index = index
+        self.source = source
+        self.case_id: object = raw.get("case_id") if isinstance(raw, Mapping) else None
+        if not isinstance(raw, Mapping):
+            raise self.error(f"expected a JSON object, got {type(raw).__name__}", None)
+        self.raw: Mapping[str, Any] = raw
+
+    def error(self, msg: str, field: str | None) -> RecordError:
+        return RecordError(msg, index=self.index, case_id=self.case_id, field=field, source=self.source)
+
+    def get(self, path: str, *, required: bool = True) -> Any:
+        """The value at a dotted path; None when absent (or null) and not required."""
+        node: Any = self.raw
+        parts = path.split(".")
+        for depth, part in enumerate(parts):
+            if not isinstance(node, Mapping):
+                parent = ".".join(parts[:depth])
+                raise self.error(f"expected a JSON object, got {type(node).__name__}", parent)
+            if part not in node or node[part] is None:
+                if required:
+                    # Name the outermost missing part: a missing "target_new" object, not its "str".
+                    raise self.error("missing required field", ".".join(parts[:depth + 1]))
+                return None
+            node = node[part]
+        return node
+
+    def int_(self, path: str) -> int:
+        v = self.get(path)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise self.error(f"expected an integer, got {v!r}", path)
+        return v
+
+    def opt_int(self, path: str) -> int | None:
+        return None if self.get(path, required=False) is None else self.int_(path)
+
+    def str_(self, path: str) -> str:
+        v = self.get(path)
+        if not isinstance(v, str) or not v.strip():
+            raise self.error(f"expected a non-empty string, got {v!r}", path)
+        return v
+
+    def opt_str(self, path: str) -> str | None:
+        return None if self.get(path, required=False) is None else self.str_(path)
+
+    def str_list(self, path: str, *, required: bool = True, nonempty: bool = False) -> tuple[str, ...]:
+        v = self.get(path, required=required)
+        if v is None:
+            return ()
+        if not isinstance(v, list):
+            raise self.error(f"expected a list of strings, got {type(v).__name__}", path)
+        if nonempty and not v:
+            raise self.error("expected a non-empty list", path)
+        for j, s in enumerate(v):
+            if not isinstance(s, str) or not s.strip():
+                raise self.error(f"expected a non-empty string, got {s!r}", f"{path}[{j}]")
+        return tuple(v)
+
+    def template(self, prompt: str, subject: str, field: str) -> str:
+        """ROME's ``prompt.replace(subject, "{}")``, refusing prompts where that would not round-trip."""
+        n = prompt.count(subject)
+        if n == 0:
+            raise self.error(f"subject {subject!r} does not occur in {prompt!r}", field)
+        if n > 1:
+            raise self.error(f"subject {subject!r} occurs {n} times in {prompt!r}; the template is ambiguous",
+                             field)
+        if "{" in prompt or "}" in prompt:
+            raise self.error(f"contains a brace, which would break the '{{}}' template: {prompt!r}", field)
+        return prompt.replace(subject, "{}")
+
+    def validated(self, rec: EditRecord, renames: Mapping[str, str]) -> EditRecord:
+        """Run :func:`validate_record`, reporting EditRecord field names as the source file's names."""
+        try:
+            validate_record(rec, index=self.index, source=self.source)
+        except RecordError as e:
+            raise self.error(e.detail, renames.get(e.field or "", e.field)) from None
+        return rec
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """``json.load`` with errors that name the file (and the line and column of a syntax error)."""
+    p = Path(path)
+    try:
+        with open(p, encoding="utf-8") as fh:
+            return json.load(fh)
+    except json.JSONDecodeError as e:
+        raise RecordError(f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}",
+                          source=str(p)) from None
+    except UnicodeDecodeError as e:
+        raise RecordError(f"not UTF-8 text: {e}", source=str(p)) from None
+    except OSError as e:
+        raise EditscaleError(f"cannot read {p}: {e.strerror or e}") from None

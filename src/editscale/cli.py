@@ -1,0 +1,171 @@
+"""The `editscale` command line. Thin: it parses options, calls the library, prints with rich."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from editscale.errors import EditscaleError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Edit facts inside causal language models at scale and measure what that does.")
+console = Console()
+err_console = Console(stderr=True)
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Preset name, hub name or local directory.")]
+DeviceOpt = Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda:0.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON only.")]
+
+
+def _emit_json(obj: Any) -> None:
+    # plain print: rich would wrap long lines and break JSON for tools reading stdout
+    print(json.dumps(obj, indent=2))
+
+
+@app.command()
+def models() -> None:
+    """List the supported architecture families and the known model presets."""
+    from editscale.models.families import FAMILIES
+    from editscale.models.loading import list_presets
+
+    t = Table(title="Architecture families (roles by module path)")
+    for col in ("family", "model types", "MLP out (edited)", "transposed", "final norm", "unembedding"):
+        t.add_column(col)
+    for fam in FAMILIES.values():
+        t.add_row(fam.name, ", ".join(fam.model_types), fam.mlp_out, "yes (Conv1D)" if fam.conv1d_weights else "no",
+                  fam.final_norm, fam.unembed)
+    console.print(t)
+    p = Table(title="Model presets")
+    for col in ("preset", "family", "blocks", "d_model", "ROME layer (0-idx)", "note"):
+        p.add_column(col)
+    for pre in list_presets():
+        p.add_row(pre.name, pre.family, str(pre.n_layers), str(pre.d_model), str(pre.rome_layer), pre.note)
+    console.print(p)
+
+
+@app.command()
+def facts(model: ModelOpt = "embedded", n: Annotated[int, typer.Option(help="Records to test.")] = 500,
+          dataset: Annotated[str, typer.Option(help="factworld or counterfact.")] = "factworld",
+          data_path: Annotated[Path | None, typer.Option(help="Local dataset file or directory.")] = None,
+          device: DeviceOpt = "cpu", as_json: JsonOpt = False) -> None:
+    """How many facts the model knows: true object preferred over the counterfactual one."""
+    from editscale.api import load_records
+    from editscale.eval.knowledge import knowledge_scores
+    from editscale.models.loading import load_model
+
+    loaded = load_model(model, device=device)
+    records = load_records(dataset, data_path=data_path, limit=n)
+    scores = knowledge_scores(loaded.model, loaded.tokenizer, records)
+    scores = {"model": model, "dataset": dataset, **scores}
+    if as_json:
+        _emit_json(scores)
+        return
+    t = Table(title=f"Facts known by {model} ({len(records)} records of {dataset})")
+    t.add_column("prompts")
+    t.add_column("true object preferred", justify="right")
+    for k, v in scores.items():
+        if k.startswith("known_"):
+            t.add_row(k.removeprefix("known_"), f"{100 * v:.1f}%")
+    console.print(t)
+
+
+@app.command()
+def skills(model: ModelOpt = "embedded",
+           tasks: Annotated[str, typer.Option(help="Comma-separated skill tasks (default: all four).")] = "",
+           n: Annotated[int, typer.Option(help="Examples per task (balanced).")] = 200,
+           device: DeviceOpt = "cpu", as_json: JsonOpt = False) -> None:
+    """Few-shot F1 of the embedded skill tasks, in the paper's GLUE templates."""
+    from editscale.api import evaluate_skills
+    from editscale.models.loading import load_model
+
+    loaded = load_model(model, device=device)
+    names = [t.strip() for t in tasks.split(",") if t.strip()] or None
+    res = evaluate_skills(loaded.model, loaded.tokenizer, names, n=n)
+    if as_json:
+        _emit_json({"model": model, **{k: {m: v[m] for m in ("f1", "accuracy", "mcc", "invalid", "total")}
+                                       for k, v in res.items()}})
+        return
+    t = Table(title=f"Few-shot skills of {model}")
+    for col in ("task", "mirrors", "F1", "accuracy", "invalid"):
+        t.add_column(col)
+    for k, v in res.items():
+        t.add_row(k, v["mirrors"], f"{v['f1']:.3f}", f"{v['accuracy']:.3f}", str(v["invalid"]))
+    console.print(t)
+
+
+@app.command()
+def demo(device: DeviceOpt = "cpu", n: Annotated[int, typer.Option(help="Facts to show.")] = 8) -> None:
+    """Load the embedded model: facts it knows, its skills, and where its knowledge lives."""
+    from editscale.api import demo_report
+
+    demo_report(console, device=device, n_show=n)
+
+
+@app.command("validate-data")
+def validate_data(dataset: Annotated[str, typer.Option(help="counterfact, zsre or factworld.")],
+                  data_path: Annotated[Path, typer.Option(help="File or directory to check.")]) -> None:
+    """Load a dataset file and check every record; errors name the record and the field."""
+    from editscale.api import load_records
+
+    records = load_records(dataset, data_path=data_path)
+    console.print(f"[green]ok[/green]: {len(records)} valid {dataset} records in {data_path}")
+
+
+@app.command("train-embedded")
+def train_embedded(out: Annotated[Path, typer.Option(help="Work directory (resumable).")] = Path(
+                       "work_dirs/embedded"),
+                   steps: Annotated[int | None, typer.Option(help="Override the number of steps.")] = None,
+                   install: Annotated[bool, typer.Option(help="Copy the result into the package.")] = False
+                   ) -> None:
+    """Train the embedded default model from scratch (rerun the same command to resume)."""
+    from editscale.data.factworld.card import install_checkpoint
+    from editscale.data.factworld.train import EMBEDDED_CONFIG, train
+
+    cfg = EMBEDDED_CONFIG if steps is None else EMBEDDED_CONFIG.model_copy(update={"steps": steps})
+    final = train(cfg, out, log=console.print)
+    console.print(f"checkpoint written to {final}")
+    if install:
+        dest = install_checkpoint(final)
+        console.print(f"installed into {dest}; run `editscale model-card` to measure and write its card")
+
+
+@app.command("model-card")
+def model_card(model_dir: Annotated[Path | None, typer.Option(help="Checkpoint directory.")] = None,
+               device: DeviceOpt = "cpu") -> None:
+    """Measure the embedded model's figures and write its model card next to the checkpoint."""
+    from editscale.data.factworld import checkpoint_dir
+    from editscale.data.factworld.card import write_model_card
+
+    path = write_model_card(model_dir or checkpoint_dir(), device=device)
+    console.print(f"model card written to {path}")
+
+
+def main() -> None:
+    """Entry point: a user-facing error becomes one red line and exit status 2, not a traceback."""
+    try:
+        app(standalone_mode=False)
+    except EditscaleError as e:
+        err_console.print(f"[bold red]error:[/bold red] {e}")
+        sys.exit(2)
+    except (typer.Exit, SystemExit) as e:
+        code = getattr(e, "exit_code", getattr(e, "code", 0))
+        sys.exit(code or 0)
+    except Exception as e:  # click usage errors and the like
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Install a trained embedded checkpoint into the package and write its measured model card."""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from editscale.data.factworld import DEFAULT_N_SUBJECTS, DEFAULT_WORLD_SEED, checkpoint_dir
+
+# what a checkpoint directory must hold to be loaded by `load_model("embedded")`
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                    "training.json")
+MAX_CHECKPOINT_MB = 20
+
+
+def install_checkpoint(src: Path, dest: Path | None = None) -> Path:
+    dest = dest or checkpoint_dir()
+    missing = [f for f in CHECKPOINT_FILES if not (src / f).exists()]
+    if missing:
+        raise FileNotFoundError(f"{src} lacks {', '.join(missing)}")
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and f.suffix in (".json", ".safetensors", ".txt"):
+            shutil.copy2(f, dest / f.name)
+    size_mb = (dest / "model.safetensors").stat().st_size / 2**20
+    if size_mb > MAX_CHECKPOINT_MB:
+        raise ValueError(f"checkpoint is {size_mb:.1f} MB, over the {MAX_CHECKPOINT_MB} MB the package may ship")
+    return dest
+
+
+def measure(model_dir: Path, *, device: str = "cpu", n_skill: int = 200) -> dict[str, Any]:
+    """The figures the model card reports, over the whole fact world and 200 examples per skill."""
+    from editscale.api import evaluate_skills
+    from editscale.data.factworld import default_world
+    from editscale.eval.knowledge import knowledge_scores
+    from editscale.models.loading import load_model
+
+    loaded = load_model(str(model_dir), device=device)
+    t0 = time.time()
+    facts = knowledge_scores(loaded.adapter, default_world().records)
+    skills = evaluate_skills(loaded.model, loaded.tokenizer, n=n_skill)
+    return {
+        "facts": facts,
+        "skills": {k: {m: v[m] for m in ("f1", "accuracy", "mcc", "invalid", "total")} for k, v in skills.items()},
+        "measure_seconds": round(time.time() - t0, 1),
+        "commands": ["editscale facts --model embedded --n 1800 --json", "editscale skills --model embedded --json"],
+    }
+
+
+def write_model_card(model_dir: Path, *, device: str = "cpu") -> Path:
+    training = json.loads((model_dir / "training.json").read_text())
+    config = json.loads((model_dir / "config.json").read_text())
+    figures = measure(model_dir, device=device)
+    n_params = sum(p.numel() for p in _load_state(model_dir).values())
+    size_mb = (model_dir / "model.safetensors").stat().st_size / 2**20
+    (model_dir / "card.json").write_text(json.dumps({"figures": figures, "n_params": n_params}, indent=2))
+    tc = training["config"]
+    f = figures["facts"]
+    lines = [
+        "# editscale embedded model",
+        "",
+        "A small GPT-2-architecture causal LM trained from scratch by editscale on its invented fact",
+        "world (`factworld`) and four few-shot skill tasks that mirror the paper's GLUE tasks. It is the",
+        "offline default for the demo, the tests and the benchmarks: it really stores its facts, so they can",
+        "be located, edited and forgotten.",
+        "",
+        "## Architecture",
+        f"- GPT-2 (`GPT2LMHeadModel`), {config['n_layer']} blocks, d_model {config['n_embd']}, "
+        f"{config['n_head']} heads, MLP {4 * config['n_embd']}, context {config['n_positions']}",
+        f"- {n_params:,} parameters, fp32 safetensors {size_mb:.1f} MB",
+        f"- byte-level BPE tokenizer trained on the corpus, {config['vocab_size']} tokens, no prefix space "
+        "(GPT-2's spacing rules apply)",
+        "",
+        "## Data",
+        f"- fact world seed {tc['world_seed']} ({DEFAULT_N_SUBJECTS} subjects, one fact each, 9 relations; "
+        f"editscale.data.factworld uses seed {DEFAULT_WORLD_SEED})",
+        f"- corpus seed {tc['train_seed']}; each fact trained in 2 of its relation's 4 trained phrasings, "
+        "never in its 2 paraphrase phrasings; 2 more phrasings per relation never appear in training",
+        "- skill tasks: sentiment (SST-2 format), paraphrase (MRPC), acceptability (CoLA), entailment (RTE),"
+        " trained as runs of answered few-shot blocks about invented subjects outside the world",
+        "",
+        "## Training",
+        "- command: `editscale train-embedded --out work_dirs/embedded --install` (resumable: rerun it),"
+        " then `editscale model-card`",
+        f"- {training['steps']} steps, batch {tc['batch_size']} x {tc['block_size']} tokens, AdamW lr {tc['lr']}"
+        f" cosine to {tc['min_lr']}, answer-token loss weight {tc['answer_weight']}",
+        f"- training time: {training['train_minutes']} minutes on {platform.machine()} CPU, "
+        f"{torch.get_num_threads()} threads (measured by the training loop, evaluation excluded)",
+        "",
+        "## Measured figures",
+        "Facts: share of prompts on which the true object is likelier than the counterfactual one",
+        "(mean per-token NLL, spec section 9.2), over all records:",
+        "",
+        "| prompts | known | prompts scored |",
+        "|---|---|---|",
+    ]
+    for g in ("rewrite", "paraphrase", "neighborhood", "unseen"):
+        lines.append(f"| {g} | {100 * f[f'known_{g}']:.1f}% | {int(f[f'n_{g}_prompts'])} |")
+    lines += ["", "Skills: few-shot, paper templates, greedy 3 tokens, weighted F1 (200 balanced examples):", "",
+              "| task | mirrors | F1 | accuracy | invalid |", "|---|---|---|---|---|"]
+    mirrors = {"sentiment": "SST-2", "paraphrase": "MRPC", "acceptability": "CoLA", "entailment": "RTE"}
+    for k, v in figures["skills"].items():
+        lines.append(f"| {k} | {mirrors.get(k, '')} | {v['f1']:.3f} | {v['accuracy']:.3f} | {v['invalid']} |")
+    lines += ["", "Measured with: " + "; ".join(f"`{c}`" for c in figures["commands"]), ""]
+    path = model_dir / "MODEL_CARD.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _load_state(model_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(model_dir / "model.safetensors"))

@@ -1,0 +1,257 @@
+"""Train the embedded default model from scratch: tokenizer, GPT-2 model, fact world and skills.
+
+`editscale train-embedded --out DIR` runs this. It is resumable: the training state is saved to
+DIR/train_state.pt every few hundred steps and picked up again when the same command is rerun.
+
+Data: a token stream of fact lines (every fact in its two trained phrasings, shuffled, grouped
+1-3 sentences a line) and one stream per skill task (runs of answered few-shot blocks). A batch
+row is a window from one stream, starting at a line or block boundary; the first answer token of
+each skill block gets a larger loss weight, because that single token carries the decision and
+the rest of a block is mostly predictable format.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel
+
+from editscale.data.factworld.skills import SKILL_TASKS, skill_eval_set, skill_training_text
+from editscale.data.factworld.world import FactWorld, fact_lines, generate_world
+
+
+class TrainConfig(BaseModel):
+    world_seed: int = 0
+    n_subjects: int = 1800
+    train_seed: int = 0
+    vocab_size: int = 4096
+    n_layer: int = 6
+    n_embd: int = 192
+    n_head: int = 6
+    n_positions: int = 512
+    block_size: int = 384
+    batch_size: int = 24
+    steps: int = 6000
+    lr: float = 2e-3
+    min_lr: float = 1e-4
+    warmup: int = 200
+    weight_decay: float = 0.05
+    fact_share: float = 0.5
+    fact_repeats: int = 40  # copies of each trained sentence in the fact stream
+    skill_blocks: int = 30000  # answered blocks per skill task in its stream
+    answer_weight: float = 4.0
+    eval_every: int = 500
+    save_every: int = 250
+    threads: int = 0  # 0: torch's default
+
+
+@dataclass
+class Stream:
+    ids: np.ndarray  # int32 token ids
+    weights: np.ndarray  # float32 loss weight of predicting each token
+    starts: np.ndarray  # token indices where a window may start (line / block starts)
+
+
+def corpus_texts(world: FactWorld, cfg: TrainConfig) -> tuple[str, dict[str, str], list[str]]:
+    rng = random.Random(f"corpus-{cfg.train_seed}")
+    facts = "\n".join(fact_lines(world, cfg.fact_repeats, rng)) + "\n"
+    skills = {name: skill_training_text(task, rng, world.reserved_names, cfg.skill_blocks)
+              for name, task in SKILL_TASKS.items()}
+    return facts, skills, [facts, *skills.values()]
+
+
+def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
+    """A byte-level BPE like GPT-2's (no prefix space), so GPT-2's spacing rules apply unchanged."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer(add_prefix_space=False)
+    sample = [t[i:i + 4000] for t in texts for i in range(0, min(len(t), 2_000_000), 4000)]
+    bpe.train_from_iterator(sample, vocab_size=vocab_size, min_frequency=2, special_tokens=["<|endoftext|>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>",
+                                  eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    tok.model_max_length = 512
+    return tok
+
+
+def _stream(tokenizer: Any, text: str, boundary: str, answer_after: str | None, answer_weight: float
+            ) -> Stream:
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = np.asarray(enc["input_ids"], dtype=np.int32)
+    offsets = np.asarray([o[0] for o in enc["offset_mapping"]], dtype=np.int64)
+    bounds = [0]
+    pos = text.find(boundary)
+    while pos != -1:
+        bounds.append(pos + len(boundary))
+        pos = text.find(boundary, pos + 1)
+    starts = np.unique(np.searchsorted(offsets, np.asarray(bounds, dtype=np.int64)))
+    weights = np.ones(len(ids), dtype=np.float32)
+    if answer_after:
+        ans, pos = [], text.find(answer_after)
+        while pos != -1:
+            ans.append(pos + len(answer_after))
+            pos = text.find(answer_after, pos + 1)
+        idx = np.searchsorted(offsets, np.asarray(ans, dtype=np.int64))
+        weights[idx[idx < len(ids)]] = answer_weight
+    return Stream(ids, weights, starts[starts < len(ids) - 2])
+
+
+def build_streams(tokenizer: Any, world: FactWorld, cfg: TrainConfig) -> dict[str, Stream]:
+    facts, skills, _ = corpus_texts(world, cfg)
+    streams = {"facts": _stream(tokenizer, facts, "\n", None, 1.0)}
+    for name, text in skills.items():
+        streams[name] = _stream(tokenizer, text, "\n\n", SKILL_TASKS[name].fmt.marker, cfg.answer_weight)
+    return streams
+
+
+def sample_batch(streams: dict[str, Stream], cfg: TrainConfig, rng: np.random.Generator
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    skill_names = [n for n in streams if n != "facts"]
+    x = np.zeros((cfg.batch_size, cfg.block_size + 1), dtype=np.int64)
+    w = np.zeros((cfg.batch_size, cfg.block_size + 1), dtype=np.float32)
+    for b in range(cfg.batch_size):
+        s = streams["facts"] if rng.random() < cfg.fact_share else streams[skill_names[rng.integers(len(skill_names))]]
+        start = int(s.starts[rng.integers(len(s.starts))])
+        chunk = s.ids[start:start + cfg.block_size + 1]
+        x[b, : len(chunk)] = chunk
+        w[b, : len(chunk)] = s.weights[start:start + cfg.block_size + 1]
+    return torch.from_numpy(x), torch.from_numpy(w)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, frac)))
+
+
+def build_model(cfg: TrainConfig, vocab_size: int, eos_id: int) -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=vocab_size, n_positions=cfg.n_positions, n_embd=cfg.n_embd,
+                        n_layer=cfg.n_layer, n_head=cfg.n_head, bos_token_id=eos_id, eos_token_id=eos_id,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(cfg.train_seed)
+    return GPT2LMHeadModel(config)
+
+
+def quick_eval(model: torch.nn.Module, tokenizer: Any, world: FactWorld, n_facts: int = 300,
+               n_skill: int = 60) -> dict[str, float]:
+    from editscale.data.factworld.skills import SkillEvalSet
+    from editscale.eval.downstream.fewshot import evaluate_fewshot
+    from editscale.eval.knowledge import knowledge_scores
+
+    was_training = model.training
+    model.eval()
+    from editscale.models.adapter import ModelAdapter
+
+    out = knowledge_scores(ModelAdapter(model, tokenizer), world.records[:n_facts])
+    for name, task in SKILL_TASKS.items():
+        es: SkillEvalSet = skill_eval_set(task, world.reserved_names, n=n_skill, seed=99)
+        out[f"f1_{name}"] = evaluate_fewshot(model, tokenizer, task.fmt, es.demos, es.examples)["f1"]
+    model.train(was_training)
+    return out
+
+
+def train(cfg: TrainConfig, out_dir: Path, *, progress: bool = True, log: Any = print) -> Path:
+    """Train (or resume) into ``out_dir``; return the directory holding the final checkpoint."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from transformers import PreTrainedTokenizerFast
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    cfg_path = out_dir / "train_config.json"
+    if cfg_path.exists() and json.loads(cfg_path.read_text()) != cfg.model_dump():
+        raise ValueError(f"{out_dir} holds a training run with another config; use a new --out")
+    cfg_path.write_text(json.dumps(cfg.model_dump(), indent=2))
+
+    world = generate_world(cfg.world_seed, cfg.n_subjects)
+    tok_dir = out_dir / "tokenizer"
+    if (tok_dir / "tokenizer.json").exists():
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(tok_dir)
+    else:
+        _, _, texts = corpus_texts(world, cfg)
+        tokenizer = train_tokenizer(texts, cfg.vocab_size)
+        tokenizer.save_pretrained(tok_dir)
+    t0 = time.time()
+    streams = build_streams(tokenizer, world, cfg)
+    log(f"streams ready in {time.time() - t0:.0f}s: " +
+        ", ".join(f"{k}={len(s.ids):,} tokens" for k, s in streams.items()))
+
+    model = build_model(cfg, len(tokenizer), tokenizer.eos_token_id)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    rng = np.random.default_rng(cfg.train_seed)
+    step, elapsed, history = 0, 0.0, []
+    state_path = out_dir / "train_state.pt"
+    if state_path.exists():
+        state = torch.load(state_path, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        rng.bit_generator.state = state["rng"]
+        step, elapsed, history = state["step"], state["elapsed"], state["history"]
+        log(f"resumed at step {step} ({elapsed / 60:.1f} min trained)")
+
+    def save_state() -> None:
+        tmp = state_path.with_suffix(".tmp")
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "rng": rng.bit_generator.state,
+                    "step": step, "elapsed": elapsed, "history": history}, tmp)
+        tmp.replace(state_path)  # atomic: a kill mid-save never corrupts the last good state
+
+    model.train()
+    columns = (TextColumn("training"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+               TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, disable=not progress) as bar:
+        task = bar.add_task("train", total=cfg.steps, completed=step, loss=float("nan"))
+        t_last = time.time()
+        while step < cfg.steps:
+            x, w = sample_batch(streams, cfg, rng)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, cfg)
+            logits = model(input_ids=x[:, :-1]).logits
+            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1),
+                                                    reduction="none")
+            wt = w[:, 1:].reshape(-1)
+            loss = (nll * wt).sum() / wt.sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            step += 1
+            now = time.time()
+            elapsed += now - t_last
+            t_last = now
+            bar.update(task, completed=step, loss=loss.item())
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                ev = quick_eval(model, tokenizer, world)
+                ev.update(step=step, minutes=elapsed / 60, loss=loss.item())
+                history.append(ev)
+                log(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in ev.items()))
+                t_last = time.time()  # evaluation time is not training time
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                save_state()
+    final = out_dir / "checkpoint"
+    model.eval()
+    model.save_pretrained(final, safe_serialization=True)
+    tokenizer.save_pretrained(final)
+    (final / "training.json").write_text(json.dumps(
+        {"config": cfg.model_dump(), "train_minutes": round(elapsed / 60, 1), "steps": step,
+         "history": history}, indent=2))
+    return final
+
+
+# The configuration of the shipped checkpoint (`editscale train-embedded` uses it).
+EMBEDDED_CONFIG = TrainConfig(n_layer=6, n_embd=128, n_head=4, block_size=384, batch_size=24, steps=1500,
+                              fact_share=0.4, fact_repeats=60, skill_blocks=30000, warmup=100, eval_every=250,
+                              save_every=100)

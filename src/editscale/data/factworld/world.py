@@ -1,0 +1,220 @@
+"""The fact world: an invented, seeded world of subjects and CounterFact-style facts.
+
+Why invent one: no pretrained model can be downloaded here, so editscale trains its own small
+model (the `embedded` default) on text generated from this world. The model then really stores
+these facts and they can be located, edited and forgotten, just as CounterFact facts in GPT-2.
+
+Design choices that matter for the trained model:
+- Every subject has exactly one fact. A prompt naming the subject therefore has one right answer
+  whatever its wording, which is what lets a tiny model answer in phrasings it never saw.
+- Each relation has four trained phrasings, two with the subject first ("{} grew up speaking")
+  and two with the subject inside ("The mother tongue of {} is"), plus held-out phrasings that
+  never appear in any training text. A fact is trained in one phrasing of each kind; the other
+  two become its paraphrase prompts, so PS measures generalisation to wordings that fact was
+  never trained in (but that other facts of the relation were).
+- A subject at the start of a line is tokenised without its leading space, so training lines are
+  joined by either a newline or a space: both token forms of every subject are learnt.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from editscale.data.records import EditRecord
+
+
+@dataclass(frozen=True)
+class Relation:
+    relation_id: str
+    name: str
+    subject_kind: str
+    objects: tuple[str, ...]
+    first: tuple[str, str]  # trained phrasings with the subject first
+    inside: tuple[str, str]  # trained phrasings with the subject inside
+    unseen: tuple[str, ...]  # never in any training text
+
+    @property
+    def trained(self) -> tuple[str, ...]:
+        return self.first + self.inside
+
+
+LANGUAGES = ("English", "French", "Spanish", "German", "Italian", "Russian", "Dutch", "Swedish",
+             "Polish", "Greek", "Finnish", "Portuguese")
+COUNTRIES = ("France", "Spain", "Germany", "Italy", "Russia", "Japan", "Canada", "Brazil", "Egypt",
+             "India", "Sweden", "Norway")
+CITIES = ("Paris", "London", "Berlin", "Rome", "Madrid", "Tokyo", "Vienna", "Prague", "Dublin",
+          "Lisbon", "Oslo", "Cairo")
+INSTRUMENTS = ("piano", "guitar", "violin", "trumpet", "drums", "cello", "flute", "saxophone", "harp",
+               "clarinet")
+FIELDS = ("physics", "chemistry", "biology", "mathematics", "economics", "philosophy", "medicine",
+          "astronomy", "geology", "linguistics")
+CONTINENTS = ("Europe", "Asia", "Africa", "Antarctica", "Oceania", "North America", "South America")
+
+RELATIONS: tuple[Relation, ...] = (
+    Relation("P103", "mother tongue", "person", LANGUAGES,
+             first=("{} is a native speaker of", "{} grew up speaking"),
+             inside=("The mother tongue of {} is", "The native language of {} is"),
+             unseen=("{} was raised speaking", "The first language of {} is")),
+    Relation("P27", "citizenship", "person", COUNTRIES,
+             first=("{} is a citizen of", "{} holds a passport from"),
+             inside=("The nationality of {} is", "The country of citizenship of {} is"),
+             unseen=("{} has citizenship in", "The passport of {} was issued by")),
+    Relation("P19", "place of birth", "person", CITIES,
+             first=("{} was born in", "{} is originally from the city of"),
+             inside=("The birthplace of {} is", "The city of birth of {} is"),
+             unseen=("{} came into the world in", "The hometown of {} is")),
+    Relation("P1303", "instrument", "person", INSTRUMENTS,
+             first=("{} plays the", "{} is a musician who plays the"),
+             inside=("The instrument of {} is the", "The favourite instrument of {} is the"),
+             unseen=("{} performs on the", "On stage, {} plays the")),
+    Relation("P101", "field of work", "person", FIELDS,
+             first=("{} works in the field of", "{} is an expert in"),
+             inside=("The field of {} is", "The research area of {} is"),
+             unseen=("{} specializes in", "The subject studied by {} is")),
+    Relation("P159", "headquarters location", "company", CITIES,
+             first=("{} is headquartered in", "{} has its head office in"),
+             inside=("The headquarters of {} is in", "The main office of {} is located in"),
+             unseen=("{} is based in", "The company {} operates from")),
+    Relation("P30", "continent", "place", CONTINENTS,
+             first=("{} is located on the continent of", "{} belongs to the continent of"),
+             inside=("The continent of {} is", "The land of {} is part of"),
+             unseen=("{} lies in", "The region of {} is found in")),
+    Relation("P407", "language of work", "work", LANGUAGES,
+             first=("{} was written in", "{} is a book written in"),
+             inside=("The language of {} is", "The original language of {} is"),
+             unseen=("{} was first published in", "The text of {} is in")),
+    Relation("P495", "country of origin", "product", COUNTRIES,
+             first=("{} was created in", "{} is a product from"),
+             inside=("The country of origin of {} is", "The maker of {} is based in"),
+             unseen=("{} comes from", "The product {} was made in")),
+)
+
+_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gr", "kr",
+           "pr", "tr", "st", "sh", "ch", "th", "h", "j", "w", "y", "kl", "fl")
+_VOWELS = ("a", "e", "i", "o", "u", "ai", "ei", "ou", "ia", "y")
+_CODAS = ("", "", "", "n", "r", "l", "s", "m", "k", "x", "th", "nd", "rk")
+_COMPANY_SUFFIX = ("Group", "Systems", "Labs", "Works", "Motors", "Foods", "Media", "Energy")
+_WORK_HEAD = ("The Book of", "Songs of", "The Tale of", "Letters from", "The Winter of", "Dreams of")
+_PRODUCT_SUFFIX = ("One", "Pro", "Mini", "Max", "Air", "Neo")
+
+
+def make_word(rng: random.Random, syllables: int) -> str:
+    parts = [rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(syllables)]
+    return ("".join(parts) + rng.choice(_CODAS)).capitalize()
+
+
+def make_name(rng: random.Random, kind: str) -> str:
+    """An invented name for a subject of the given kind (person, company, place, work, product)."""
+    if kind == "person":
+        return f"{make_word(rng, rng.choice((1, 2)))} {make_word(rng, rng.choice((2, 3)))}"
+    if kind == "company":
+        return f"{make_word(rng, 2)} {rng.choice(_COMPANY_SUFFIX)}"
+    if kind == "place":
+        return make_word(rng, rng.choice((2, 3)))
+    if kind == "work":
+        return f"{rng.choice(_WORK_HEAD)} {make_word(rng, 2)}"
+    if kind == "product":
+        return f"{make_word(rng, 2)} {rng.choice(_PRODUCT_SUFFIX)}"
+    raise ValueError(f"unknown subject kind {kind!r}")
+
+
+@dataclass(frozen=True)
+class Fact:
+    case_id: int
+    subject: str
+    relation: Relation
+    obj: str
+    first: str  # the subject-first phrasing this fact is trained in
+    inside: str  # the subject-inside phrasing this fact is trained in
+    prompt: str  # the rewrite prompt (one of the two trained phrasings)
+
+    @property
+    def trained(self) -> tuple[str, str]:
+        return (self.first, self.inside)
+
+    @property
+    def paraphrases(self) -> tuple[str, ...]:
+        return tuple(t for t in self.relation.trained if t not in self.trained)
+
+    def sentence(self, template: str) -> str:
+        return f"{template.format(self.subject)} {self.obj}."
+
+
+@dataclass
+class FactWorld:
+    seed: int
+    facts: list[Fact]
+    records: list[EditRecord] = field(default_factory=list)
+    reserved_names: set[str] = field(default_factory=set)
+
+    def training_sentences(self) -> list[str]:
+        """Every fact in each of its two trained phrasings (one copy each)."""
+        return [f.sentence(t) for f in self.facts for t in f.trained]
+
+
+def generate_world(seed: int = 0, n_subjects: int = 1800, n_neighbors: int = 10,
+                   n_attribute: int = 10) -> FactWorld:
+    """Build the world deterministically from ``seed``: subjects, one fact each, and records."""
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    facts: list[Fact] = []
+    for i in range(n_subjects):
+        rel = RELATIONS[i % len(RELATIONS)]
+        while True:
+            name = make_name(rng, rel.subject_kind)
+            if name.lower() not in seen:
+                break
+        seen.add(name.lower())
+        first = rng.choice(rel.first)
+        inside = rng.choice(rel.inside)
+        facts.append(Fact(case_id=i, subject=name, relation=rel, obj=rng.choice(rel.objects), first=first,
+                          inside=inside, prompt=rng.choice((first, inside))))
+    rng.shuffle(facts)
+    facts = [Fact(case_id=i, subject=f.subject, relation=f.relation, obj=f.obj, first=f.first,
+                  inside=f.inside, prompt=f.prompt) for i, f in enumerate(facts)]
+
+    by_rel_obj: dict[tuple[str, str], list[Fact]] = defaultdict(list)
+    for f in facts:
+        by_rel_obj[(f.relation.relation_id, f.obj)].append(f)
+
+    records = []
+    for f in facts:
+        rel = f.relation
+        new_obj = rng.choice([o for o in rel.objects if o != f.obj])
+        peers = [g for g in by_rel_obj[(rel.relation_id, f.obj)] if g.case_id != f.case_id]
+        neighbors = rng.sample(peers, min(n_neighbors, len(peers)))
+        holders = by_rel_obj[(rel.relation_id, new_obj)]
+        attributes = rng.sample(holders, min(n_attribute, len(holders)))
+        records.append(EditRecord(
+            case_id=f.case_id,
+            subject=f.subject,
+            prompt=f.prompt,
+            target_true=f.obj,
+            target_new=new_obj,
+            relation_id=rel.relation_id,
+            paraphrase_prompts=tuple(t.format(f.subject) for t in f.paraphrases),
+            # a neighbour is asked in the same wording its own fact was trained in
+            neighborhood_prompts=tuple(g.prompt.format(g.subject) for g in neighbors),
+            attribute_prompts=tuple(g.prompt.format(g.subject) for g in attributes),
+            extra={"unseen_prompts": [t.format(f.subject) for t in rel.unseen],
+                   "relation": rel.name, "subject_kind": rel.subject_kind},
+        ))
+    return FactWorld(seed=seed, facts=facts, records=records, reserved_names=seen)
+
+
+def fact_lines(world: FactWorld, repeats: int, rng: random.Random) -> list[str]:
+    """Training lines: every trained sentence ``repeats`` times, shuffled, in random line groups.
+
+    Sentences are grouped 1-3 per line so a subject-first sentence appears both at a line start
+    (no leading space on the subject) and after another sentence (with one).
+    """
+    sents = world.training_sentences() * repeats
+    rng.shuffle(sents)
+    lines, i = [], 0
+    while i < len(sents):
+        k = rng.choice((1, 1, 2, 3))
+        lines.append(" ".join(sents[i:i + k]))
+        i += k
+    return lines

@@ -1,0 +1,177 @@
+"""The paper's balanced GLUE subsets (PROTOCOL 9.7): SST-2, MRPC, CoLA and RTE, 100 examples per label.
+
+The 200-example files the paper evaluated on are authoritative; :func:`load_glue_jsonl` reads their JSONL
+form. :func:`build_paper_subsets` rebuilds them from the GLUE validation split with the paper's recipe.
+
+Caveat when rebuilding: the paper's MRPC ``idx`` values (up to 4049) are row numbers in the original
+MSRP train file, as the old script-based ``datasets`` GLUE loader numbered them; the parquet GLUE on the
+Hub numbers validation rows 0..407. The rows and their order are the same, so the same examples are
+drawn, but their ``idx`` differ.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from editscale.errors import EditscaleError, RecordError, UnknownNameError
+
+# Text fields per task; the order is the order of evaluation (sst2, mrpc, cola, rte) the paper used.
+GLUE_TASK_FIELDS: dict[str, tuple[str, ...]] = {
+    "sst2": ("sentence",),
+    "mrpc": ("sentence1", "sentence2"),
+    "cola": ("sentence",),
+    "rte": ("sentence1", "sentence2"),
+}
+PAPER_TASK_ORDER = ("sst2", "mrpc", "cola", "rte")
+PAPER_GLUE_SEED = 37
+PAPER_PER_LABEL = 100
+
+# (path, name, split) -> rows with the GLUE columns; ``datasets.load_dataset`` fits this signature.
+SplitLoader = Callable[..., Iterable[Mapping[str, Any]]]
+
+
+@dataclass(frozen=True)
+class GlueExample:
+    idx: int  # row index in the GLUE split the example came from
+    label: int
+    sentence: str | None = None
+    sentence1: str | None = None
+    sentence2: str | None = None
+
+
+def _check_task(task: str) -> tuple[str, ...]:
+    if task not in GLUE_TASK_FIELDS:
+        raise UnknownNameError(f"unknown GLUE task {task!r}; expected one of {sorted(GLUE_TASK_FIELDS)}")
+    return GLUE_TASK_FIELDS[task]
+
+
+def example_from_row(task: str, row: Any, *, source: str | None = None) -> GlueExample:
+    """Build a :class:`GlueExample` from a GLUE row (dict with the task's text fields, ``label``, ``idx``).
+
+    Only labels 0/1 are accepted: all four tasks are binary, and the test split's ``-1`` must not slip in.
+    """
+    fields = _check_task(task)
+
+    def bad(msg: str, field: str | None) -> RecordError:
+        return RecordError(msg, field=field, source=source)
+
+    if not isinstance(row, Mapping):
+        raise bad(f"expected a JSON object, got {type(row).__name__}", None)
+    for name in ("idx", "label"):
+        if name not in row or row[name] is None:
+            raise bad("missing required field", name)
+        v = row[name]
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise bad(f"expected an integer, got {v!r}", name)
+    if row["idx"] < 0:
+        raise bad(f"expected a non-negative integer, got {row['idx']!r}", "idx")
+    if row["label"] not in (0, 1):
+        raise bad(f"expected label 0 or 1, got {row['label']!r}", "label")
+    texts: dict[str, str] = {}
+    for name in fields:
+        if name not in row or row[name] is None:
+            raise bad("missing required field", name)
+        v = row[name]
+        if not isinstance(v, str) or not v.strip():
+            raise bad(f"expected a non-empty string, got {v!r}", name)
+        texts[name] = v
+    return GlueExample(idx=row["idx"], label=row["label"], **texts)
+
+
+def _check_unique_idx(examples: Sequence[GlueExample], where: Callable[[int], str]) -> None:
+    seen: dict[int, int] = {}
+    for i, ex in enumerate(examples):
+        if ex.idx in seen:
+            raise RecordError(f"duplicate idx {ex.idx} (first at {where(seen[ex.idx])})", field="idx",
+                              source=where(i))
+        seen[ex.idx] = i
+
+
+def load_glue_jsonl(task: str, path: str | os.PathLike[str]) -> list[GlueExample]:
+    """Read a JSONL file of one GLUE task (one example per line, e.g. ``glue/sst2.jsonl``), in file order."""
+    _check_task(task)
+    examples: list[GlueExample] = []
+    lines: list[int] = []
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}, line {lineno}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise RecordError(f"invalid JSON at column {e.colno}: {e.msg}", source=where) from None
+                examples.append(example_from_row(task, row, source=where))
+                lines.append(lineno)
+    except OSError as e:
+        raise EditscaleError(f"cannot read {path}: {e.strerror or e}") from None
+    if not examples:
+        raise RecordError("holds no examples", source=str(path))
+    _check_unique_idx(examples, lambda i: f"{path}, line {lines[i]}")
+    return examples
+
+
+def build_glue_subset(task: str, examples: Iterable[GlueExample], rng: random.Random,
+                      per_label: int = PAPER_PER_LABEL) -> list[GlueExample]:
+    """The paper's recipe (GCF ``create_glue_subset.py``) for one task.
+
+    Bucket the examples by label in dataset order, shuffle each bucket (in order of first label
+    appearance), keep the first ``per_label`` of each, concatenate, shuffle. ``rng`` is advanced, so the
+    caller decides whether tasks share one random stream (the paper's do).
+    """
+    _check_task(task)
+    buckets: dict[int, list[GlueExample]] = {}
+    for ex in examples:
+        buckets.setdefault(ex.label, []).append(ex)
+    if not buckets:
+        raise EditscaleError(f"{task}: no examples to draw a subset from")
+    short = {label: len(b) for label, b in buckets.items() if len(b) < per_label}
+    if short:
+        raise EditscaleError(f"{task}: fewer than {per_label} examples for label(s) {short}; the subset "
+                             "would not be balanced")
+    subset: list[GlueExample] = []
+    for bucket in buckets.values():
+        rng.shuffle(bucket)
+        subset += bucket[:per_label]
+    rng.shuffle(subset)
+    return subset
+
+
+def load_glue_from_datasets(task: str, split: str = "validation", loader: SplitLoader | None = None
+                            ) -> list[GlueExample]:
+    """A GLUE split through Hugging Face ``datasets`` (``load_dataset("glue", task, split=split)``), in
+    dataset order. ``loader`` replaces ``datasets.load_dataset`` (tests, local mirrors)."""
+    _check_task(task)
+    if loader is None:
+        try:
+            from datasets import load_dataset
+        except ImportError:
+            raise EditscaleError(
+                "loading GLUE from the Hub needs the optional 'datasets' package: "
+                "pip install 'editscale[online]'"
+            ) from None
+        loader = load_dataset
+    rows = loader("glue", task, split=split)
+    source = f"glue/{task}[{split}]"
+    examples = [example_from_row(task, row, source=f"{source} row {i}") for i, row in enumerate(rows)]
+    if not examples:
+        raise EditscaleError(f"{source} is empty")
+    _check_unique_idx(examples, lambda i: f"{source} row {i}")
+    return examples
+
+
+def build_paper_subsets(load_split: Callable[[str], Iterable[GlueExample]] | None = None,
+                        seed: int = PAPER_GLUE_SEED, per_label: int = PAPER_PER_LABEL,
+                        tasks: Sequence[str] = PAPER_TASK_ORDER) -> dict[str, list[GlueExample]]:
+    """Rebuild all four subsets with ONE generator seeded once and carried across the tasks in order, as
+    the paper's script did with ``random.seed(37)`` at the top. ``load_split(task)`` yields the
+    validation examples in dataset order (default: :func:`load_glue_from_datasets`)."""
+    load = load_split or load_glue_from_datasets
+    rng = random.Random(seed)
+    return {task: build_glue_subset(task, load(task), rng, per_label) for task in tasks}

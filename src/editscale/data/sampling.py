@@ -1,0 +1,163 @@
+"""The paper's edit-order samples (PROTOCOL 10.1, GCF ``select_unique_subjects.py`` + ``create_samples.py``).
+
+The indices are **list positions** into the dataset. For CounterFact they equal ``case_id`` only in the full
+file (or the three EasyEdit splits merged by ``case_id``), which :func:`select_sample` checks by default.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+from editscale.data.records import EditRecord, read_json
+from editscale.errors import EditscaleError, RecordError
+
+PAPER_SEED = 37
+PAPER_N_SAMPLES = 10
+
+
+def unique_subject_indices(records_or_subjects: Iterable[EditRecord | str]) -> list[int]:
+    """Positions of the first record for each distinct ``subject.lower()``, in list order."""
+    seen: set[str] = set()
+    out: list[int] = []
+    for i, item in enumerate(records_or_subjects):
+        subject = item if isinstance(item, str) else item.subject
+        key = subject.lower()
+        if key not in seen:
+            seen.add(key)
+            out.append(i)
+    return out
+
+
+def make_samples(indices: Iterable[int], n_samples: int = PAPER_N_SAMPLES, seed: int = PAPER_SEED
+                 ) -> dict[str, list[int]]:
+    """Seed once, then shuffle the same list in place ``n_samples`` times, keeping a copy after each.
+
+    The shuffles are cumulative (each continues from the previous order and RNG state), exactly as GCF's
+    ``create_samples.py`` does with ``random.seed(37)``; a private ``random.Random`` gives the same stream
+    without touching the global one.
+    """
+    rng = random.Random(seed)
+    order = list(indices)
+    samples: dict[str, list[int]] = {}
+    for n in range(n_samples):
+        rng.shuffle(order)
+        samples[str(n)] = list(order)
+    return samples
+
+
+def validate_samples(samples: Any, *, source: str | None = None) -> dict[str, list[int]]:
+    """Check a ``{"0": [int, ...], ...}`` mapping: string keys, lists of distinct non-negative ints."""
+    if not isinstance(samples, Mapping):
+        raise RecordError(f"expected a JSON object of samples, got {type(samples).__name__}", source=source)
+    if not samples:
+        raise RecordError("holds no samples", source=source)
+    out: dict[str, list[int]] = {}
+    for key, idx in samples.items():
+        field = f'sample "{key}"'
+        if not isinstance(key, str):
+            raise RecordError(f"sample keys must be strings, got {key!r}", field=field, source=source)
+        if not isinstance(idx, list):
+            raise RecordError(f"expected a list of indices, got {type(idx).__name__}", field=field,
+                              source=source)
+        seen: dict[int, int] = {}
+        for j, v in enumerate(idx):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise RecordError(f"entry {j} is not a non-negative integer: {v!r}", field=field,
+                                  source=source)
+            if v in seen:
+                raise RecordError(f"index {v} appears twice (entries {seen[v]} and {j})", field=field,
+                                  source=source)
+            seen[v] = j
+        out[key] = list(idx)
+    return out
+
+
+def load_sample_file(path: str | os.PathLike[str]) -> dict[str, list[int]]:
+    """Read a sample file such as ``counterfact_sampled_unique_10_20391.json`` (validated)."""
+    return validate_samples(read_json(path), source=str(path))
+
+
+def load_selection_flags(path: str | os.PathLike[str]) -> list[int]:
+    """Read a ``{"<case_id>": bool}`` selection file (RR's ``disabling_edits_counterfact.json``); return the
+    selected ids in ascending order."""
+    raw = read_json(path)
+    src = str(path)
+    if not isinstance(raw, Mapping):
+        raise RecordError(f"expected a JSON object, got {type(raw).__name__}", source=src)
+    out = []
+    for key, flag in raw.items():
+        if not key.isdigit():
+            raise RecordError(f"keys must be integer case_ids, got {key!r}", field=key, source=src)
+        if not isinstance(flag, bool):
+            raise RecordError(f"expected true or false, got {flag!r}", case_id=key, source=src)
+        if flag:
+            out.append(int(key))
+    return sorted(out)
+
+
+def select_sample(
+    records: Sequence[EditRecord],
+    samples: Mapping[str, Sequence[int]],
+    sample: str | int = "0",
+    n: int | None = None,
+    *,
+    by: Literal["position", "case_id"] = "position",
+    missing: Literal["error", "skip"] = "error",
+    allow_repeated_subjects: bool = False,
+) -> list[EditRecord]:
+    """The records of ``samples[sample][:n]``, in sample order.
+
+    ``by="position"`` (the paper's semantics) reads ``records[i]`` and checks that its ``case_id`` is ``i``,
+    so a partial dataset cannot silently stand in for the full one. ``by="case_id"`` looks records up by
+    id instead; with ``missing="skip"`` ids the dataset lacks are dropped (e.g. the 500-record subset holds
+    only some of a sample's edits). Unless ``allow_repeated_subjects``, a subject (case-insensitive) edited
+    twice in the selection is an error: the paper's samples never do that.
+    """
+    key = str(sample)
+    if key not in samples:
+        raise EditscaleError(f"no sample {key!r}; the file has {sorted(samples)}")
+    order = list(samples[key])
+    if n is not None:
+        if n < 0:
+            raise EditscaleError(f"n must be >= 0, got {n}")
+        if n > len(order):
+            raise EditscaleError(f"asked for {n} edits but sample {key!r} holds only {len(order)}")
+        order = order[:n]
+
+    chosen: list[EditRecord] = []
+    if by == "position":
+        for j, i in enumerate(order):
+            if not 0 <= i < len(records):
+                raise EditscaleError(f"sample {key!r} entry {j} is index {i}, outside the dataset's "
+                                     f"{len(records)} records (is this the full dataset?)")
+            rec = records[i]
+            if rec.case_id != i:
+                raise RecordError(
+                    f"sample {key!r} entry {j} selects position {i}, whose case_id differs; sample indices "
+                    "are positions in the full dataset (use by='case_id' for a partial one)",
+                    index=i, case_id=rec.case_id, field="case_id",
+                )
+            chosen.append(rec)
+    elif by == "case_id":
+        by_id = {r.case_id: r for r in records}
+        for j, i in enumerate(order):
+            if i in by_id:
+                chosen.append(by_id[i])
+            elif missing == "error":
+                raise EditscaleError(f"sample {key!r} entry {j} is case_id {i}, which the dataset lacks "
+                                     "(pass missing='skip' to drop such entries)")
+    else:
+        raise EditscaleError(f"by must be 'position' or 'case_id', got {by!r}")
+
+    if not allow_repeated_subjects:
+        first: dict[str, int] = {}
+        for rec in chosen:
+            s = rec.subject.lower()
+            if s in first:
+                raise RecordError(f"subject {rec.subject!r} is edited twice in sample {key!r} (also "
+                                  f"case_id={first[s]})", case_id=rec.case_id, field="subject")
+            first[s] = rec.case_id
+    return chosen

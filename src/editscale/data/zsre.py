@@ -1,0 +1,117 @@
+"""zsRE question answering edits in MEND format, normalised to :class:`EditRecord`.
+
+A MEND record is ``{subject, src, pred, rephrase, alt, answers[], loc, loc_ans, cond}``: ``src`` is the
+question with the subject written out, ``alt`` the counterfactual answer, ``answers`` the true ones, and
+``loc``/``loc_ans`` an unrelated Natural Questions pair used for specificity.
+
+Targets. ``targets="alt"`` (default) edits ``alt`` over ``answers[0]``, the semantically meaningful pair.
+ROME/MEMIT/EMMET's ``MENDQADataset`` instead sets ``target_new = answers[0]`` and ``target_true =
+"<|endoftext|>"``; ``targets="reference"`` reproduces that for parity with their zsRE numbers.
+
+The neighbourhood prompt is ``loc + "?"`` (ROME keeps the ``"nq question: "`` prefix); its expected answer
+is ``loc_ans``, not ``target_true``, so it is stored as ``extra["neighborhood_target"]``. ROME scores it
+token by token on GPT-2 tokens of ``" " + loc_ans``; that is the evaluator's job, not the loader's.
+``case_id`` is the list position in the file, which is what the UME sample files index.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+from editscale.data.records import EditRecord, RawRecord, read_json
+from editscale.data.sampling import load_sample_file
+from editscale.errors import EditscaleError, RecordError
+
+Targets = Literal["alt", "reference"]
+REFERENCE_TARGET_TRUE = "<|endoftext|>"
+NQ_PREFIX = "nq question: "
+
+
+def _is_noop(alt: object, answers: object) -> bool:
+    """An ``alt`` that is empty or already a true answer gives no edit (2 and 21 of MEND's train 1k)."""
+    if not isinstance(alt, str):
+        return False
+    return not alt.strip() or (isinstance(answers, (list, tuple)) and alt in answers)
+
+
+def _from_mend(raw: Any, index: int, source: str, targets: Targets) -> EditRecord:
+    f = RawRecord(raw, index=index, source=source)
+    # zsRE has no ids of its own; the file position is the id everyone (ROME, UME samples) uses.
+    f.case_id = index
+    subject = f.str_("subject")
+    template = f.template(f.str_("src"), subject, "src")
+    answers = f.str_list("answers", nonempty=True)
+    loc = f.str_("loc")
+    if NQ_PREFIX not in loc:
+        # ROME asserts this too: without it the columns are probably shifted.
+        raise f.error(f"expected a {NQ_PREFIX.strip()!r} question, got {loc!r}", "loc")
+    loc_ans = f.str_("loc_ans")
+    alt = f.get("alt", required=targets == "alt")
+    if alt is not None and not isinstance(alt, str):
+        raise f.error(f"expected a string, got {alt!r}", "alt")
+    if targets == "alt":
+        if _is_noop(alt, answers):
+            why = "is empty" if not alt.strip() else f"is one of the true answers {list(answers)}"
+            raise f.error(f"alt {alt!r} {why}; there is nothing to edit (skip_noop=True drops such records)",
+                          "alt")
+        target_new, target_true = alt, answers[0]
+    else:
+        target_new, target_true = answers[0], REFERENCE_TARGET_TRUE
+    rec = EditRecord(
+        case_id=index,
+        subject=subject,
+        prompt=template,
+        target_true=target_true,
+        target_new=target_new,
+        paraphrase_prompts=(f.str_("rephrase"),),
+        neighborhood_prompts=(loc + "?",),
+        extra={
+            "schema": "zsre_mend",
+            "targets": targets,
+            "neighborhood_target": loc_ans,
+            "answers": list(answers),
+            "alt": alt,
+            "pred": f.opt_str("pred"),
+            "cond": f.opt_str("cond"),
+        },
+    )
+    return f.validated(rec, {"prompt": "src", "target_new": "alt" if targets == "alt" else "answers[0]"})
+
+
+def parse_zsre(raw: Any, *, source: str = "<memory>", targets: Targets = "alt", skip_noop: bool = False
+               ) -> list[EditRecord]:
+    """Normalise a decoded MEND-format zsRE list, in file order.
+
+    With ``targets="alt"``, a record whose ``alt`` is empty or one of its true answers has nothing to edit
+    (23 of the 1,000 MEND train records); that is an error unless ``skip_noop``, which drops them. The
+    kept records keep their file positions as case_ids, so list position and case_id then differ."""
+    if targets not in ("alt", "reference"):
+        raise EditscaleError(f"targets must be 'alt' or 'reference', got {targets!r}")
+    if not isinstance(raw, list):
+        raise RecordError(f"expected a JSON list of records, got {type(raw).__name__}", source=source)
+    if not raw:
+        raise RecordError("the file holds no records", source=source)
+    out: list[EditRecord] = []
+    for i, r in enumerate(raw):
+        noop = isinstance(r, dict) and _is_noop(r.get("alt"), r.get("answers"))
+        if skip_noop and targets == "alt" and noop:
+            continue
+        out.append(_from_mend(r, i, source, targets))
+    return out
+
+
+def load_zsre(path: str | os.PathLike[str], *, targets: Targets = "alt", skip_noop: bool = False,
+              limit: int | None = None) -> list[EditRecord]:
+    """Load a MEND-format zsRE file (e.g. ``zsre_mend_eval.json``) as validated records."""
+    records = parse_zsre(read_json(path), source=str(path), targets=targets, skip_noop=skip_noop)
+    if limit is not None:
+        if limit < 0:
+            raise EditscaleError(f"limit must be >= 0, got {limit}")
+        records = records[:limit]
+    return records
+
+
+def load_zsre_samples(path: str | os.PathLike[str]) -> dict[str, list[int]]:
+    """UME's ``zsre_sampled_unique_10_10000.json``: positions into ``zsre_mend_eval.json``."""
+    return load_sample_file(path)

@@ -1,0 +1,68 @@
+"""Does the model know a record's fact? The spec's probability test, before any edit.
+
+A prompt counts as known when the true object is likelier than the counterfactual new one under
+the mean per-token NLL of spec section 9.2 (the same comparison ES/PS/NS use after an edit).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from editscale.data.records import EditRecord
+from editscale.eval.scoring import score_continuations
+from editscale.models.adapter import ModelAdapter
+
+# prompt groups of a record, in the order they are reported
+GROUPS = ("rewrite", "paraphrase", "neighborhood", "unseen")
+
+
+def record_prompts(r: EditRecord) -> dict[str, list[str]]:
+    return {"rewrite": [r.rewrite_prompt], "paraphrase": list(r.paraphrase_prompts),
+            "neighborhood": list(r.neighborhood_prompts),
+            "unseen": list(r.extra.get("unseen_prompts", []))}
+
+
+def score_prompt_pairs(adapter: ModelAdapter, prompts: Sequence[str], targets_a: Sequence[str],
+                       targets_b: Sequence[str], *, batch_size: int = 128) -> list[tuple[float, float]]:
+    """Mean per-token NLL of target a and of target b after each prompt, batched."""
+    rows = []
+    for start in range(0, len(prompts), batch_size):
+        ps = list(prompts[start:start + batch_size])
+        batch = adapter.prompt_target_batch(ps + ps, list(targets_a[start:start + batch_size]) +
+                                            list(targets_b[start:start + batch_size]))
+        ids = batch.input_ids.tolist()
+        rows.extend((ids[i][: batch.prefix_lens[i]], batch.target_ids[i]) for i in range(len(ps)))
+        rows.extend((ids[len(ps) + i][: batch.prefix_lens[len(ps) + i]], batch.target_ids[len(ps) + i])
+                    for i in range(len(ps)))
+    # rows hold per-chunk [a..., b...]; score them all, then pair back up per chunk
+    scores = score_continuations(adapter.model, rows, pad_id=adapter.pad_token_id, batch_size=batch_size)
+    out: list[tuple[float, float]] = []
+    pos = 0
+    for start in range(0, len(prompts), batch_size):
+        n = len(prompts[start:start + batch_size])
+        out.extend((scores[pos + i].mean_nll, scores[pos + n + i].mean_nll) for i in range(n))
+        pos += 2 * n
+    return out
+
+
+def knowledge_scores(adapter: ModelAdapter, records: Sequence[EditRecord], *, batch_size: int = 128
+                     ) -> dict[str, float]:
+    """Fraction of prompts, per group, on which the true object beats the record's new object."""
+    groups, prompts, trues, news = [], [], [], []
+    for r in records:
+        for g, ps in record_prompts(r).items():
+            for p in ps:
+                groups.append(g)
+                prompts.append(p)
+                trues.append(r.target_true)
+                news.append(r.target_new)
+    pairs = score_prompt_pairs(adapter, prompts, trues, news, batch_size=batch_size)
+    hits: dict[str, list[bool]] = {g: [] for g in GROUPS}
+    for g, (nll_true, nll_new) in zip(groups, pairs):
+        hits[g].append(nll_true < nll_new)
+    out: dict[str, float] = {"n_records": float(len(records))}
+    for g in GROUPS:
+        if hits[g]:
+            out[f"known_{g}"] = sum(hits[g]) / len(hits[g])
+            out[f"n_{g}_prompts"] = float(len(hits[g]))
+    return out
