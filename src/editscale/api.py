@@ -60,12 +60,9 @@ def load_records(dataset: str, *, data_path: Path | str | None = None, limit: in
     return records[:limit] if limit is not None else records
 
 
-def evaluate_skills(model: torch.nn.Module, tokenizer: Any, names: Sequence[str] | None = None, *,
-                    n: int = 200, seed: int = 1234) -> dict[str, dict[str, Any]]:
-    """Few-shot F1 of the embedded skill tasks on balanced sets of ``n`` examples."""
-    from editscale.data.factworld import default_world
-    from editscale.data.factworld.skills import SKILL_TASKS, skill_eval_set
-    from editscale.eval.downstream.fewshot import evaluate_fewshot
+def resolve_skill_tasks(names: Sequence[str] | None, n: int = 200) -> list[str]:
+    """Check skill task names (None = all) and the example count; return the names."""
+    from editscale.data.factworld.skills import SKILL_TASKS
 
     names = list(names or SKILL_TASKS)
     unknown = [t for t in names if t not in SKILL_TASKS]
@@ -73,6 +70,17 @@ def evaluate_skills(model: torch.nn.Module, tokenizer: Any, names: Sequence[str]
         raise UnknownNameError(f"unknown skill task(s) {', '.join(unknown)}; known: {', '.join(SKILL_TASKS)}")
     if n < 2 or n % 2:
         raise EditscaleError(f"--n must be an even number >= 2 (balanced labels), got {n}")
+    return names
+
+
+def evaluate_skills(model: torch.nn.Module, tokenizer: Any, names: Sequence[str] | None = None, *,
+                    n: int = 200, seed: int = 1234) -> dict[str, dict[str, Any]]:
+    """Few-shot F1 of the embedded skill tasks on balanced sets of ``n`` examples."""
+    from editscale.data.factworld import default_world
+    from editscale.data.factworld.skills import SKILL_TASKS, skill_eval_set
+    from editscale.eval.downstream.fewshot import evaluate_fewshot
+
+    names = resolve_skill_tasks(names, n)
     reserved = default_world().reserved_names
     out = {}
     for name in names:

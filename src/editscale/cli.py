@@ -59,8 +59,8 @@ def facts(model: ModelOpt = "embedded", n: Annotated[int, typer.Option(help="Rec
     from editscale.eval.knowledge import knowledge_scores
     from editscale.models.loading import load_model
 
+    records = load_records(dataset, data_path=data_path, limit=n)  # cheap checks before the model loads
     loaded = load_model(model, device=device)
-    records = load_records(dataset, data_path=data_path, limit=n)
     scores = knowledge_scores(loaded.model, loaded.tokenizer, records)
     scores = {"model": model, "dataset": dataset, **scores}
     if as_json:
@@ -81,11 +81,11 @@ def skills(model: ModelOpt = "embedded",
            n: Annotated[int, typer.Option(help="Examples per task (balanced).")] = 200,
            device: DeviceOpt = "cpu", as_json: JsonOpt = False) -> None:
     """Few-shot F1 of the embedded skill tasks, in the paper's GLUE templates."""
-    from editscale.api import evaluate_skills
+    from editscale.api import evaluate_skills, resolve_skill_tasks
     from editscale.models.loading import load_model
 
+    names = resolve_skill_tasks([t.strip() for t in tasks.split(",") if t.strip()] or None, n)
     loaded = load_model(model, device=device)
-    names = [t.strip() for t in tasks.split(",") if t.strip()] or None
     res = evaluate_skills(loaded.model, loaded.tokenizer, names, n=n)
     if as_json:
         _emit_json({"model": model, **{k: {m: v[m] for m in ("f1", "accuracy", "mcc", "invalid", "total")}

@@ -76,7 +76,7 @@ RELATIONS: tuple[Relation, ...] = (
     Relation("P159", "headquarters location", "company", CITIES,
              first=("{} is headquartered in", "{} has its head office in"),
              inside=("The headquarters of {} is in", "The main office of {} is located in"),
-             unseen=("{} is based in", "The company {} operates from")),
+             unseen=("{} keeps its offices in", "The company {} operates from")),
     Relation("P30", "continent", "place", CONTINENTS,
              first=("{} is located on the continent of", "{} belongs to the continent of"),
              inside=("The continent of {} is", "The land of {} is part of"),

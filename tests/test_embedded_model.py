@@ -1,0 +1,58 @@
+"""The shipped embedded model must keep knowing its facts and keep its skills.
+
+These are the figures the model card promises (issue 2), checked on a sample so they stay fast:
+a retrained or damaged checkpoint that stops knowing its facts fails here.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from rich.console import Console
+
+from editscale.api import demo_report, evaluate_skills
+from editscale.data.factworld import checkpoint_dir, default_world
+from editscale.eval.knowledge import knowledge_scores
+from editscale.models.loading import load_model
+
+pytestmark = pytest.mark.skipif(
+    not (checkpoint_dir() / "model.safetensors").exists(),
+    reason="the embedded checkpoint is not installed (train it: editscale train-embedded --install)")
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return load_model("embedded")
+
+
+def test_checkpoint_is_small_safetensors() -> None:
+    path = checkpoint_dir() / "model.safetensors"
+    assert path.exists()
+    assert path.stat().st_size <= 20 * 2**20
+    assert (checkpoint_dir() / "MODEL_CARD.md").exists()
+
+
+def test_knows_its_facts(embedded) -> None:
+    records = default_world().records[::6]  # 300 records spread over the world
+    scores = knowledge_scores(embedded.adapter, records)
+    assert scores["known_rewrite"] >= 0.97
+    assert scores["known_paraphrase"] >= 0.95
+    assert scores["known_neighborhood"] >= 0.95
+    assert scores["known_unseen"] >= 0.85
+
+
+def test_keeps_its_skills(embedded) -> None:
+    res = evaluate_skills(embedded.model, embedded.tokenizer, n=100)
+    for task, r in res.items():
+        assert r["f1"] >= 0.85, (task, r["f1"])
+
+
+def test_demo_report_runs(embedded) -> None:
+    buf = io.StringIO()
+    out = demo_report(Console(file=buf, width=160), n_show=3, n_scan=40)
+    text = buf.getvalue()
+    assert "Facts it knows" in text and "Where facts live" in text
+    assert len(out["layer_scan"]) == embedded.adapter.n_layers
+    # zeroing a storing MLP must hurt: some layer raises the true object's NLL noticeably
+    assert max(r["nll_increase"] for r in out["layer_scan"]) > 0.5

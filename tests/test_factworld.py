@@ -1,0 +1,193 @@
+"""The invented fact world: determinism, record invariants, and what is (not) in the training text."""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+
+import pytest
+
+from editscale.data.factworld.skills import SKILL_TASKS, skill_training_text
+from editscale.data.factworld.world import RELATIONS, EditRecord, fact_lines, generate_world
+from editscale.data.records import EditRecord as RecordType
+from editscale.data.records import validate_records
+
+REL_BY_ID = {r.relation_id: r for r in RELATIONS}
+
+
+@pytest.fixture(scope="module")
+def world():
+    return generate_world(0)
+
+
+@pytest.fixture(scope="module")
+def fact_text(world) -> str:
+    return "\n".join(fact_lines(world, 1, random.Random("facts"))) + "\n"
+
+
+@pytest.fixture(scope="module")
+def trained_sentences(world) -> set[str]:
+    return set(world.training_sentences())
+
+
+@pytest.fixture(scope="module")
+def skill_texts(world) -> dict[str, str]:
+    rng = random.Random("skills")
+    return {name: skill_training_text(task, rng, world.reserved_names, 300) for name, task in SKILL_TASKS.items()}
+
+
+def split_sentences(line: str) -> list[str]:
+    """A fact line is 1-3 sentences joined by one space; no name, phrasing or object holds a '.'."""
+    parts = line.split(". ")
+    return [p if p.endswith(".") else p + "." for p in parts]
+
+
+# ---------------------------------------------------------------------- determinism and size
+
+
+def test_same_seed_same_world_other_seed_other_world(world):
+    again = generate_world(0)
+    assert again.records == world.records
+    assert [(f.subject, f.obj, f.first, f.inside, f.prompt) for f in again.facts] == \
+        [(f.subject, f.obj, f.first, f.inside, f.prompt) for f in world.facts]
+    other = generate_world(1)
+    assert other.records != world.records
+    assert {r.subject for r in other.records} != {r.subject for r in world.records}
+
+
+def test_size_and_unique_subjects(world):
+    subjects = [r.subject for r in world.records]
+    assert len(subjects) >= 1500
+    assert len({s.lower() for s in subjects}) == len(subjects)
+    assert world.reserved_names == {s.lower() for s in subjects}
+    assert [r.case_id for r in world.records] == list(range(len(world.records)))
+    assert [f.subject for f in world.facts] == subjects
+
+
+def test_records_validate_and_cover_relations(world):
+    assert validate_records(world.records) == world.records
+    assert len({r.relation_id for r in world.records}) >= 8
+    for r in world.records[:200]:
+        assert isinstance(r, RecordType) and EditRecord is RecordType
+        assert RecordType.from_dict(r.to_dict()) == r
+
+
+def test_targets_differ_and_belong_to_the_relation(world):
+    for r in world.records:
+        rel = REL_BY_ID[r.relation_id]
+        assert r.target_true != r.target_new
+        assert r.target_true in rel.objects and r.target_new in rel.objects
+        assert r.prompt in rel.trained
+        assert r.extra["relation"] == rel.name and r.extra["subject_kind"] == rel.subject_kind
+
+
+def test_counterfactuals_are_spread_over_objects(world):
+    # new objects are drawn from the relation's other objects, not always the same one
+    for rel in RELATIONS:
+        news = Counter(r.target_new for r in world.records if r.relation_id == rel.relation_id)
+        assert len(news) >= len(rel.objects) - 1
+
+
+# ---------------------------------------------------------------------- the training text
+
+
+def test_fact_lines_hold_every_trained_sentence_once_per_repeat(world):
+    lines = fact_lines(world, 2, random.Random(7))
+    assert lines == fact_lines(world, 2, random.Random(7))
+    got = Counter(s for line in lines for s in split_sentences(line))
+    assert got == Counter(world.training_sentences() * 2)
+    assert {len(split_sentences(line)) for line in lines} == {1, 2, 3}
+    assert all("\n" not in line for line in lines)
+
+
+def test_each_fact_is_trained_in_one_first_and_one_inside_phrasing(world, trained_sentences):
+    for r in world.records:
+        rel = REL_BY_ID[r.relation_id]
+        in_corpus = [t for t in rel.trained if f"{t.format(r.subject)} {r.target_true}." in trained_sentences]
+        assert len([t for t in in_corpus if t in rel.first]) == 1
+        assert len([t for t in in_corpus if t in rel.inside]) == 1
+        assert r.prompt in in_corpus  # the rewrite prompt is a trained wording of the fact
+
+
+def test_paraphrases_are_exactly_the_untrained_phrasings(world, fact_text, trained_sentences):
+    for r in world.records:
+        rel = REL_BY_ID[r.relation_id]
+        untrained = {t.format(r.subject) for t in rel.trained
+                     if f"{t.format(r.subject)} {r.target_true}." not in trained_sentences}
+        assert len(r.paraphrase_prompts) == 2
+        assert set(r.paraphrase_prompts) == untrained
+        assert r.rewrite_prompt not in r.paraphrase_prompts
+    # and on the joined corpus text itself: no paraphrase sentence, every rewrite sentence
+    flat = " " + fact_text.replace("\n", " ")
+    for r in world.records:
+        for p in r.paraphrase_prompts:
+            assert f" {p} {r.target_true}." not in flat, p
+        assert f" {r.rewrite_prompt} {r.target_true}." in flat
+
+
+def test_unseen_prompts_never_occur_in_any_training_text(world, fact_text, skill_texts):
+    corpus = "\n".join([fact_text, *skill_texts.values()])
+    for r in world.records:
+        rel = REL_BY_ID[r.relation_id]
+        unseen = r.extra["unseen_prompts"]
+        assert unseen == [t.format(r.subject) for t in rel.unseen]
+        assert not set(unseen) & {t.format(r.subject) for t in rel.trained}
+        for p in unseen:
+            assert p not in corpus, p
+
+
+def test_unseen_phrasing_frames_never_occur_in_training_text(fact_text, skill_texts):
+    corpus = "\n".join([fact_text, *skill_texts.values()])
+    leaks = []
+    for rel in RELATIONS:
+        for t in rel.unseen:
+            prefix, suffix = t.split("{}")
+            # the phrasing around any capitalised name
+            frame = re.escape(prefix) + r"[A-Z][^.\n]*?" + re.escape(suffix) + " "
+            if re.search(r"(?:^|(?<=[\s.]))" + frame, corpus, flags=re.M):
+                leaks.append(t)
+    assert leaks == []
+
+
+def test_neighbors_share_relation_and_true_object(world, trained_sentences):
+    by_prompt = {r.rewrite_prompt: r for r in world.records}
+    assert len(by_prompt) == len(world.records)
+    peers = Counter((r.relation_id, r.target_true) for r in world.records)
+    for r in world.records:
+        assert len(r.neighborhood_prompts) == min(10, peers[(r.relation_id, r.target_true)] - 1)
+        assert len(set(r.neighborhood_prompts)) == len(r.neighborhood_prompts)
+        for p in r.neighborhood_prompts:
+            g = by_prompt[p]  # a neighbour is asked in the wording its own fact was trained in
+            assert g.subject != r.subject
+            assert r.subject not in p
+            assert (g.relation_id, g.target_true) == (r.relation_id, r.target_true)
+            assert f"{p} {g.target_true}." in trained_sentences
+        for p in r.attribute_prompts:
+            g = by_prompt[p]
+            assert (g.relation_id, g.target_true) == (r.relation_id, r.target_new)
+
+
+def test_both_token_forms_of_subjects_are_trained(world):
+    text = "\n".join(fact_lines(world, 10, random.Random(3)))
+    line_start, after_space = Counter(), Counter()
+    for line in text.split("\n"):
+        for k, s in enumerate(split_sentences(line)):
+            (line_start if k == 0 else after_space)[s] += 1
+    first_sentences = [f.sentence(f.first) for f in world.facts]
+    assert any(line_start[s] for s in first_sentences)
+    assert any(after_space[s] for s in first_sentences)
+    # with 10 copies nearly every subject-first sentence is seen in both forms
+    both = sum(1 for s in first_sentences if line_start[s] and after_space[s])
+    assert both >= 0.95 * len(first_sentences)
+    # and the raw text really has the subject at a line start and after a space
+    f = next(f for f in world.facts if line_start[f.sentence(f.first)] and after_space[f.sentence(f.first)])
+    assert re.search(r"(?m)^" + re.escape(f.sentence(f.first)), text)
+    assert re.search(r"\. " + re.escape(f.sentence(f.first)), text)
+
+
+def test_small_worlds_work(world):
+    small = generate_world(0, n_subjects=45, n_neighbors=3, n_attribute=2)
+    assert len(small.records) == 45
+    validate_records(small.records)
+    assert all(len(r.neighborhood_prompts) <= 3 and len(r.attribute_prompts) <= 2 for r in small.records)

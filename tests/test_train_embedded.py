@@ -1,0 +1,230 @@
+"""The embedded model's trainer on a tiny configuration: streams, checkpoint files, resume, config guard."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import editscale.data.factworld.train as train_mod
+from editscale.data.factworld.skills import SKILL_TASKS
+from editscale.data.factworld.train import (
+    TrainConfig,
+    build_streams,
+    corpus_texts,
+    lr_at,
+    sample_batch,
+    train,
+    train_tokenizer,
+)
+from editscale.data.factworld.world import generate_world
+
+TINY = TrainConfig(n_subjects=90, n_layer=1, n_embd=32, n_head=2, n_positions=512, block_size=64, batch_size=4,
+                   steps=6, warmup=2, eval_every=1000, save_every=3, fact_repeats=1, skill_blocks=50,
+                   vocab_size=400)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def stub_eval(monkeypatch):
+    """quick_eval runs only at eval_every and the last step; a stub keeps these tests fast."""
+    calls = []
+
+    def fake(model, tokenizer, world, **kw):
+        calls.append(world)
+        return {"stub": 1.0}
+
+    monkeypatch.setattr(train_mod, "quick_eval", fake)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def small_streams():
+    cfg = TINY.model_copy(update={"skill_blocks": 20})
+    world = generate_world(cfg.world_seed, cfg.n_subjects)
+    facts, skills, texts = corpus_texts(world, cfg)
+    tok = train_tokenizer(texts, cfg.vocab_size)
+    return cfg, tok, facts, skills, build_streams(tok, world, cfg)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _decoded_ends(tok, ids: np.ndarray) -> list[str]:
+    """The decoded text before each token, and the full text, from per-token decoding (byte-level, ASCII)."""
+    pieces = [tok.decode([int(i)]) for i in ids]
+    out, acc = [], ""
+    for p in pieces:
+        out.append(acc)
+        acc += p
+    out.append(acc)
+    return out
+
+
+# ---------------------------------------------------------------------- streams
+
+
+def test_answer_tokens_get_the_answer_weight(small_streams):
+    cfg, tok, _, skills, streams = small_streams
+    assert set(streams) == {"facts", *SKILL_TASKS}
+    for name, task in SKILL_TASKS.items():
+        s = streams[name]
+        before = _decoded_ends(tok, s.ids)
+        assert before[-1] == skills[name]  # the stream is exactly the task's training text
+        marker = task.fmt.marker
+        expected = [i for i in range(len(s.ids)) if before[i].endswith(marker)]
+        assert len(expected) == cfg.skill_blocks
+        assert np.flatnonzero(s.weights > 1).tolist() == expected
+        assert np.all(s.weights[expected] == cfg.answer_weight)
+        assert set(np.unique(s.weights).tolist()) == {1.0, cfg.answer_weight}
+        # the weighted token is the first token of the answer word (" positive", " No", ...)
+        text = before[-1]
+        answers = {text[len(before[i]):].split("\n")[0] for i in expected}
+        assert answers == {" " + w for w in task.fmt.label_words.values()}, answers
+        assert all(tok.decode([int(s.ids[i])]).startswith(" ") for i in expected)
+    assert np.all(streams["facts"].weights == 1.0)
+
+
+def test_windows_start_at_line_and_block_boundaries(small_streams):
+    _, tok, _, _, streams = small_streams
+    for name, boundary in [("facts", "\n"), *[(n, "\n\n") for n in SKILL_TASKS]]:
+        s = streams[name]
+        before = _decoded_ends(tok, s.ids)
+        assert s.starts[0] == 0
+        assert np.all(np.diff(s.starts) > 0) and s.starts[-1] < len(s.ids) - 2
+        for i in s.starts[1:]:
+            assert before[i].endswith(boundary), (name, before[i][-20:])
+        # every boundary not at the very end is a start
+        n_boundaries = sum(1 for i in range(1, len(s.ids) - 2) if before[i].endswith(boundary)
+                           and not before[i - 1].endswith(boundary))
+        assert len(s.starts) == n_boundaries + 1
+
+
+def test_sample_batch_rows_are_windows_of_a_stream(small_streams):
+    cfg, _, _, _, streams = small_streams
+    x, w = sample_batch(streams, cfg, np.random.default_rng(0))
+    assert x.shape == w.shape == (cfg.batch_size, cfg.block_size + 1)
+    for row, wrow in zip(x.numpy(), w.numpy()):
+        hits = [(n, st) for n, s in streams.items() for st in s.starts
+                if np.array_equal(s.ids[st:st + len(row)], row[: len(s.ids[st:st + len(row)])])]
+        assert hits
+        name, st = hits[0]
+        n = len(streams[name].ids[st:st + len(row)])
+        assert np.array_equal(wrow[:n], streams[name].weights[st:st + n])
+        assert np.all(wrow[n:] == 0)  # padding past a stream's end is never trained on
+
+
+def test_lr_schedule():
+    cfg = TINY.model_copy(update={"steps": 100, "warmup": 10})
+    assert lr_at(0, cfg) == pytest.approx(cfg.lr / 10)
+    assert lr_at(9, cfg) == pytest.approx(cfg.lr)
+    assert lr_at(10, cfg) == pytest.approx(cfg.lr)
+    assert lr_at(100, cfg) == pytest.approx(cfg.min_lr)
+    lrs = [lr_at(s, cfg) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+# ---------------------------------------------------------------------- training runs
+
+
+def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(ckpt / "model.safetensors"))
+
+
+def test_train_writes_a_checkpoint_and_resumes_after_a_kill(tmp_path, monkeypatch, stub_eval):
+    out = tmp_path / "run"
+    real_lr_at = train_mod.lr_at
+
+    def dying_lr_at(step, cfg):
+        if step == 3:  # the process is killed while starting step 4, after the state of step 3 was saved
+            raise Interrupted
+        return real_lr_at(step, cfg)
+
+    monkeypatch.setattr(train_mod, "lr_at", dying_lr_at)
+    logs: list[str] = []
+    with pytest.raises(Interrupted):
+        train(TINY, out, progress=False, log=logs.append)
+    assert not (out / "checkpoint").exists()
+    assert torch.load(out / "train_state.pt", weights_only=False)["step"] == 3
+    assert (out / "tokenizer" / "tokenizer.json").is_file()
+    assert not any("resumed" in m for m in logs)
+    assert stub_eval == []  # eval_every=1000: no evaluation before the last step
+
+    monkeypatch.setattr(train_mod, "lr_at", real_lr_at)
+    logs.clear()
+    final = train(TINY, out, progress=False, log=logs.append)
+    assert final == out / "checkpoint"
+    assert any(m.startswith("resumed at step 3") for m in logs), logs
+    assert len(stub_eval) == 1 and len(stub_eval[0].records) == TINY.n_subjects  # once, at the last step
+    for f in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "training.json"):
+        assert (final / f).is_file(), f
+    info = json.loads((final / "training.json").read_text())
+    assert info["steps"] == 6 and info["config"] == TINY.model_dump()
+    assert [h["step"] for h in info["history"]] == [6] and info["history"][0]["stub"] == 1.0
+    config = json.loads((final / "config.json").read_text())
+    assert (config["n_layer"], config["n_embd"], config["n_head"]) == (1, 32, 2)
+    assert torch.load(out / "train_state.pt", weights_only=False)["step"] == 6
+
+    # the checkpoint loads and the tokenizer round-trips its training text
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(final)
+    tok = AutoTokenizer.from_pretrained(final)
+    assert model.config.vocab_size == len(tok) <= TINY.vocab_size
+    text = "The mother tongue of Danielle is French."
+    ids = tok(text)["input_ids"]
+    assert tok.decode(ids) == text
+    assert torch.isfinite(model(input_ids=torch.tensor([ids])).logits).all()
+
+    # killed and resumed = trained in one go
+    straight = train(TINY, tmp_path / "straight", progress=False, log=lambda m: None)
+    a, b = _weights(final), _weights(straight)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    init = train_mod.build_model(TINY, len(tok), tok.eos_token_id).state_dict()
+    assert not torch.equal(init["transformer.h.0.mlp.c_fc.weight"], a["transformer.h.0.mlp.c_fc.weight"])
+
+    # rerunning a finished run does no more steps and keeps the result
+    logs.clear()
+    train(TINY, out, progress=False, log=logs.append)
+    assert any(m.startswith("resumed at step 6") for m in logs)
+    for k, v in _weights(final).items():
+        assert torch.equal(v, a[k])
+
+
+def test_another_config_on_the_same_directory_is_refused(tmp_path, stub_eval):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "train_config.json").write_text(json.dumps(TINY.model_dump()))
+    other = TINY.model_copy(update={"steps": 7})
+    with pytest.raises(ValueError, match="another config"):
+        train(other, out, progress=False, log=lambda m: None)
+    assert json.loads((out / "train_config.json").read_text()) == TINY.model_dump()  # left untouched
+    assert not (out / "tokenizer").exists() and not (out / "train_state.pt").exists()
+
+
+def test_quick_eval_reports_knowledge_and_skills(small_streams):
+    cfg, tok, _, _, _ = small_streams
+    world = generate_world(cfg.world_seed, cfg.n_subjects)
+    # a 400-token vocabulary makes few-shot prompts long: give the model room for them
+    model = train_mod.build_model(cfg.model_copy(update={"n_positions": 1024}), len(tok), tok.eos_token_id)
+    model.train()
+    out = train_mod.quick_eval(model, tok, world, n_facts=12, n_skill=8)
+    assert model.training  # restored
+    assert out["n_records"] == 12 and out["n_rewrite_prompts"] == 12
+    for key in ("known_rewrite", "known_paraphrase", "known_neighborhood", "known_unseen",
+                *(f"f1_{n}" for n in SKILL_TASKS)):
+        assert 0.0 <= out[key] <= 1.0, key
