@@ -41,3 +41,14 @@ def shared_spec(shared_dir: Path) -> Path:
     if not spec.is_dir():
         pytest.skip(f"{spec} not found")
     return spec
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """The test models are tiny: one thread is fastest and avoids contention on a busy 2-core machine."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -18,15 +18,6 @@ from editscale.models.adapter import ModelAdapter
 from tiny_models import byte_bpe_tokenizer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one thread is fastest, and it avoids contention on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tok():
     return byte_bpe_tokenizer()

@@ -28,14 +28,6 @@ TINY = TrainConfig(n_subjects=90, n_layer=1, n_embd=32, n_head=2, n_positions=51
                    vocab_size=400)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def stub_eval(monkeypatch):
     """quick_eval runs only at eval_every and the last step; a stub keeps these tests fast."""
