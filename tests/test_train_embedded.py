@@ -201,11 +201,23 @@ def test_another_config_on_the_same_directory_is_refused(tmp_path, stub_eval):
     out = tmp_path / "run"
     out.mkdir()
     (out / "train_config.json").write_text(json.dumps(TINY.model_dump()))
-    other = TINY.model_copy(update={"steps": 7})
-    with pytest.raises(ValueError, match="another config"):
-        train(other, out, progress=False, log=lambda m: None)
+    for other in (TINY.model_copy(update={"lr": 1e-3}), TINY.model_copy(update={"steps": 5}),
+                  TINY.model_copy(update={"steps": 7, "lr": 1e-3})):
+        with pytest.raises(ValueError, match="another config"):
+            train(other, out, progress=False, log=lambda m: None)
     assert json.loads((out / "train_config.json").read_text()) == TINY.model_dump()  # left untouched
     assert not (out / "tokenizer").exists() and not (out / "train_state.pt").exists()
+
+
+def test_a_finished_run_can_be_extended_with_more_steps(tmp_path, stub_eval):
+    out = tmp_path / "run"
+    train(TINY, out, progress=False, log=lambda m: None)
+    logs: list[str] = []
+    final = train(TINY.model_copy(update={"steps": 8}), out, progress=False, log=logs.append)
+    assert any("extending the run from 6 to 8 steps" in m for m in logs)
+    info = json.loads((final / "training.json").read_text())
+    assert info["steps"] == 8
+    assert any(h.get("extended") == "steps 6 -> 8" for h in info["history"])
 
 
 def test_quick_eval_reports_knowledge_and_skills(small_streams):

@@ -170,8 +170,16 @@ def train(cfg: TrainConfig, out_dir: Path, *, progress: bool = True, log: Any = 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     cfg_path = out_dir / "train_config.json"
-    if cfg_path.exists() and json.loads(cfg_path.read_text()) != cfg.model_dump():
-        raise ValueError(f"{out_dir} holds a training run with another config; use a new --out")
+    extended_from = None
+    if cfg_path.exists():
+        before = json.loads(cfg_path.read_text())
+        if before != cfg.model_dump():
+            # Only a longer run may reuse a directory: more steps continue the same model (the
+            # cosine schedule is stretched from there on, which training.json records).
+            same_but_steps = {**before, "steps": cfg.steps} == cfg.model_dump()
+            if not (same_but_steps and cfg.steps > before["steps"]):
+                raise ValueError(f"{out_dir} holds a training run with another config; use a new --out")
+            extended_from = before["steps"]
     cfg_path.write_text(json.dumps(cfg.model_dump(), indent=2))
 
     world = generate_world(cfg.world_seed, cfg.n_subjects)
@@ -202,6 +210,9 @@ def train(cfg: TrainConfig, out_dir: Path, *, progress: bool = True, log: Any = 
         rng.bit_generator.state = state["rng"]
         step, elapsed, history = state["step"], state["elapsed"], state["history"]
         log(f"resumed at step {step} ({elapsed / 60:.1f} min trained)")
+    if extended_from is not None:
+        history.append({"extended": f"steps {extended_from} -> {cfg.steps}", "step": step})
+        log(f"extending the run from {extended_from} to {cfg.steps} steps")
 
     def save_state() -> None:
         tmp = state_path.with_suffix(".tmp")
