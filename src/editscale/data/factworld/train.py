@@ -262,7 +262,8 @@ def train(cfg: TrainConfig, out_dir: Path, *, progress: bool = True, log: Any = 
     return final
 
 
-# The configuration of the shipped checkpoint (`editscale train-embedded` uses it).
-EMBEDDED_CONFIG = TrainConfig(n_layer=6, n_embd=128, n_head=4, block_size=384, batch_size=24, steps=1500,
+# The configuration of the shipped checkpoint (`editscale train-embedded` uses it). The shipped
+# run was started with steps=1500 and extended to 2100 at step 1100 (recorded in training.json).
+EMBEDDED_CONFIG = TrainConfig(n_layer=6, n_embd=128, n_head=4, block_size=384, batch_size=24, steps=2100,
                               fact_share=0.4, fact_repeats=60, skill_blocks=30000, warmup=100, eval_every=250,
                               save_every=100)
