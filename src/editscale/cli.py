@@ -61,7 +61,7 @@ def facts(model: ModelOpt = "embedded", n: Annotated[int, typer.Option(help="Rec
 
     records = load_records(dataset, data_path=data_path, limit=n)  # cheap checks before the model loads
     loaded = load_model(model, device=device)
-    scores = knowledge_scores(loaded.model, loaded.tokenizer, records)
+    scores = knowledge_scores(loaded.adapter, records)
     scores = {"model": model, "dataset": dataset, **scores}
     if as_json:
         _emit_json(scores)

@@ -17,6 +17,9 @@ from editscale.data.factworld import DEFAULT_N_SUBJECTS, DEFAULT_WORLD_SEED, che
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                     "training.json")
 MAX_CHECKPOINT_MB = 20
+# what the embedded model is required to reach (issue 2); the card says which are met
+FACT_TARGETS = {"rewrite": 0.97, "paraphrase": 0.95, "neighborhood": 0.95, "unseen": 0.85}
+SKILL_F1_TARGET = 0.85
 
 
 def install_checkpoint(src: Path, dest: Path | None = None) -> Path:
@@ -97,16 +100,19 @@ def write_model_card(model_dir: Path, *, device: str = "cpu") -> Path:
         "Facts: share of prompts on which the true object is likelier than the counterfactual one",
         "(mean per-token NLL, spec section 9.2), over all records:",
         "",
-        "| prompts | known | prompts scored |",
-        "|---|---|---|",
+        "| prompts | known | prompts scored | target |",
+        "|---|---|---|---|",
     ]
     for g in ("rewrite", "paraphrase", "neighborhood", "unseen"):
-        lines.append(f"| {g} | {100 * f[f'known_{g}']:.1f}% | {int(f[f'n_{g}_prompts'])} |")
+        known = f[f"known_{g}"]
+        lines.append(f"| {g} | {100 * known:.1f}% | {int(f[f'n_{g}_prompts'])} | >= {100 * FACT_TARGETS[g]:.0f}%: "
+                     f"{'met' if known >= FACT_TARGETS[g] else '**not met**'} |")
     lines += ["", "Skills: few-shot, paper templates, greedy 3 tokens, weighted F1 (200 balanced examples):", "",
-              "| task | mirrors | F1 | accuracy | invalid |", "|---|---|---|---|---|"]
+              "| task | mirrors | F1 | accuracy | invalid | target F1 >= 0.85 |", "|---|---|---|---|---|---|"]
     mirrors = {"sentiment": "SST-2", "paraphrase": "MRPC", "acceptability": "CoLA", "entailment": "RTE"}
     for k, v in figures["skills"].items():
-        lines.append(f"| {k} | {mirrors.get(k, '')} | {v['f1']:.3f} | {v['accuracy']:.3f} | {v['invalid']} |")
+        met = "met" if v["f1"] >= SKILL_F1_TARGET else "**not met**"
+        lines.append(f"| {k} | {mirrors.get(k, '')} | {v['f1']:.3f} | {v['accuracy']:.3f} | {v['invalid']} | {met} |")
     lines += ["", "Measured with: " + "; ".join(f"`{c}`" for c in figures["commands"]), ""]
     path = model_dir / "MODEL_CARD.md"
     path.write_text("\n".join(lines))
