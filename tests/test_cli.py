@@ -84,3 +84,24 @@ def test_skills_json_contract() -> None:
     assert set(out) >= {"sentiment", "paraphrase", "acceptability", "entailment"}
     assert all(0.0 <= out[t]["f1"] <= 1.0 and out[t]["total"] == 20 for t in
                ("sentiment", "paraphrase", "acceptability", "entailment"))
+
+
+@pytest.mark.skipif(not (checkpoint_dir() / "model.safetensors").exists(), reason="embedded checkpoint absent")
+def test_run_then_resume_and_methods(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    fast = ("--set", "v_num_grad_steps=4", "--set", "context_template_length_params=[[5, 2]]",
+            "--set", "mom2_n_samples=200", "--stats-cache", str(tmp_path / "stats"), "--no-progress")
+    res = run_cli("run", "--out", str(out), "--edits", "4", "--eval-every", "2", "--control", "5", *fast)
+    assert res.returncode == 0, res.stderr
+    assert "mean ES" in res.stdout and "edits.jsonl" in res.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["edits_done"] == 4
+    res = run_cli("resume", str(out), "--no-progress")  # a finished run resumes to the same summary
+    assert res.returncode == 0, res.stderr
+    assert json.loads((out / "summary.json").read_text())["mean_es"] == summary["mean_es"]
+    res = run_cli("run", "--out", str(out), "--edits", "5", "--eval-every", "2", "--control", "5", *fast)
+    assert res.returncode == 2 and "holds another run" in res.stderr and "Traceback" not in res.stderr
+    res = run_cli("run", "--out", str(tmp_path / "x"), "--set", "clamp_norm_factr=2")
+    assert res.returncode == 2 and "clamp_norm_factr" in res.stderr and "Traceback" not in res.stderr
+    res = run_cli("methods")
+    assert res.returncode == 0 and "rome" in res.stdout and "gpt2-xl" in res.stdout

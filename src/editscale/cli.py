@@ -100,11 +100,135 @@ def skills(model: ModelOpt = "embedded",
 
 
 @app.command()
-def demo(device: DeviceOpt = "cpu", n: Annotated[int, typer.Option(help="Facts to show.")] = 8) -> None:
-    """Load the embedded model: facts it knows, its skills, and where its knowledge lives."""
+def demo(
+    edits: Annotated[int, typer.Option(help="Sequential ROME edits to make.")] = 300,
+    out: Annotated[Path, typer.Option(help="Run directory (an unfinished demo there is resumed).")] = Path(
+        "editscale-demo"),
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Edit the embedded model with ROME, fact after fact, and show how it declines."""
+    from editscale.run.config import RunConfig
+    from editscale.run.runner import Runner, resolve_method_config
+
+    cfg = resolve_method_config(RunConfig(edits=edits, eval_every=10, checkpoint_every=50, device=device),
+                                "embedded")
+    console.print(f"[bold]editscale demo[/bold]: {edits} sequential ROME edits of the embedded model "
+                  f"(a 6-block GPT-2 trained on an invented fact world), block {cfg.method_config['layers'][0]}; "
+                  "ES/PS/NS after every edit, forgetting and control facts every 10 edits")
+    summary = Runner(cfg, out, progress=True, log=console.print).run()
+    _print_examples(out)
+    _print_run(out, summary)
+
+
+def _print_examples(out: Path, n: int = 4) -> None:
+    from editscale.run.store import RunStore
+
+    t = Table(title="The first edits")
+    for col in ("case", "subject", "true -> new", "ES", "PS", "NS"):
+        t.add_column(col)
+    for r in RunStore(out).rows("edits")[:n]:
+        if r["status"] == "ok":
+            t.add_row(str(r["case_id"]), r["subject"], f"{r['target_true']} -> {r['target_new']}", f"{r['es']:.0f}",
+                      f"{r['ps']:.2f}", f"{r['ns']:.2f}")
+    console.print(t)
+
+
+@app.command()
+def inspect(device: DeviceOpt = "cpu", n: Annotated[int, typer.Option(help="Facts to show.")] = 8) -> None:
+    """Tour the embedded model: facts it knows, its skills, and where its knowledge lives."""
     from editscale.api import demo_report
 
     demo_report(console, device=device, n_show=n)
+
+
+def _parse_sets(items: list[str] | None) -> dict[str, Any]:
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise EditscaleError(f"--set expects KEY=VALUE, got '{item}'")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+@app.command()
+def run(
+    out: Annotated[Path, typer.Option(help="Run directory; an existing run there is resumed.")],
+    model: ModelOpt = "embedded",
+    method: Annotated[str, typer.Option(help="Editing method (see `editscale methods`).")] = "rome",
+    dataset: Annotated[str, typer.Option(help="factworld, counterfact or zsre.")] = "factworld",
+    data_path: Annotated[Path | None, typer.Option(help="Local dataset file (counterfact: else the URL).")] = None,
+    sample: Annotated[int, typer.Option(help="Which shuffle of the unique subjects to edit in order.")] = 0,
+    sample_file: Annotated[Path | None, typer.Option(help="A sample-index file, e.g. the paper's.")] = None,
+    edits: Annotated[int, typer.Option(help="Number of sequential edits.")] = 100,
+    eval_every: Annotated[int, typer.Option(help="Forgetting checkpoint every K edits.")] = 10,
+    checkpoint_every: Annotated[int, typer.Option(help="Save the edited layers every C edits.")] = 50,
+    forgetting: Annotated[str, typer.Option(help="Headline criterion: paper (greedy, sticky) or probability.")]
+    = "paper",
+    control: Annotated[int, typer.Option(help="Never-edited control facts scored at checkpoints.")] = 200,
+    on_nonfinite: Annotated[str, typer.Option(help="stop or skip when an update is NaN/inf.")] = "stop",
+    method_config: Annotated[Path | None, typer.Option(help="YAML file of method hyper-parameters.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a method hyper-parameter, KEY=VALUE.")]
+    = None,
+    seed: Annotated[int, typer.Option(help="Seed of the context templates.")] = 0,
+    device: DeviceOpt = "cpu",
+    dtype: Annotated[str, typer.Option(help="Model dtype (edited matrices and solves stay fp32+).")] = "float32",
+    stats_cache: Annotated[Path | None, typer.Option(help="Covariance statistics cache directory.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Edit one model sequentially and measure ES/PS/NS, forgetting and drift as edits accumulate."""
+    from editscale.run.config import RunConfig
+    from editscale.run.runner import Runner, resolve_method_config
+
+    cfg = RunConfig.parse({
+        "model": model, "method": method, "dataset": dataset, "data_path": str(data_path) if data_path else None,
+        "sample": sample, "sample_file": str(sample_file) if sample_file else None, "edits": edits,
+        "eval_every": eval_every, "checkpoint_every": checkpoint_every, "forgetting": forgetting,
+        "control": control, "on_nonfinite": on_nonfinite, "seed": seed, "device": device, "dtype": dtype,
+        "stats_cache": str(stats_cache) if stats_cache else None}, source="command line")
+    from editscale.models.loading import find_preset
+
+    preset = find_preset(model)
+    cfg = resolve_method_config(cfg, preset.name if preset else model, method_config, _parse_sets(set_))
+    summary = Runner(cfg, out, progress=progress, log=console.print).run()
+    _print_run(out, summary)
+
+
+@app.command()
+def resume(out: Annotated[Path, typer.Argument(help="The run directory to continue.")],
+           progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True) -> None:
+    """Continue a killed run from its last checkpoint (same rows and weights as if never killed)."""
+    from editscale.run.runner import Runner
+
+    summary = Runner.resume(out, progress=progress, log=console.print).run()
+    _print_run(out, summary)
+
+
+def _print_run(out: Path, summary: dict[str, Any]) -> None:
+    from editscale.report.tables import run_table
+
+    console.print(run_table(out))
+    console.print(f"mean ES {summary['mean_es']:.3f}  PS {summary['mean_ps']:.3f}  NS {summary['mean_ns']:.3f}  "
+                  f"forgotten {summary['forgotten_pct_final']:.1f}% ({summary['forgetting_mode']})  "
+                  f"max drift {summary['max_drift']:.3e}  {summary['seconds_per_edit']:.2f} s/edit")
+    console.print(f"files: {out}/edits.jsonl, forgetting.jsonl, summary.json, config.yaml")
+
+
+@app.command()
+def methods() -> None:
+    """List the editing methods and the models they ship hyper-parameters for."""
+    from editscale.methods.base import get_method, list_methods
+
+    t = Table(title="Editing methods")
+    t.add_column("method")
+    t.add_column("presets")
+    for name in list_methods():
+        cls = get_method(name)
+        presets = sorted(p.stem for p in cls.presets_dir.glob("*.yaml")) if cls.presets_dir else []
+        t.add_row(name, ", ".join(presets))
+    console.print(t)
 
 
 @app.command("validate-data")

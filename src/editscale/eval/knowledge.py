@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from editscale.data.records import EditRecord
-from editscale.eval.scoring import score_continuations
+from editscale.eval.scoring import ContinuationScore, score_continuations
 from editscale.models.adapter import ModelAdapter
 
 # prompt groups of a record, in the order they are reported
@@ -22,27 +22,23 @@ def record_prompts(r: EditRecord) -> dict[str, list[str]]:
             "unseen": list(r.extra.get("unseen_prompts", []))}
 
 
+def score_prompt_targets(adapter: ModelAdapter, prompts: Sequence[str], targets: Sequence[str], *,
+                         batch_size: int = 128) -> list[ContinuationScore]:
+    """Score `target` after each prompt (spec §9.2): mean NLL and teacher-forced greedy match."""
+    rows = []
+    for start in range(0, len(prompts), batch_size):
+        batch = adapter.prompt_target_batch(prompts[start:start + batch_size], targets[start:start + batch_size])
+        ids = batch.input_ids.tolist()
+        rows.extend((ids[i][: batch.prefix_lens[i]], batch.target_ids[i]) for i in range(len(batch.prefix_lens)))
+    return score_continuations(adapter.model, rows, pad_id=adapter.pad_token_id, batch_size=batch_size)
+
+
 def score_prompt_pairs(adapter: ModelAdapter, prompts: Sequence[str], targets_a: Sequence[str],
                        targets_b: Sequence[str], *, batch_size: int = 128) -> list[tuple[float, float]]:
     """Mean per-token NLL of target a and of target b after each prompt, batched."""
-    rows = []
-    for start in range(0, len(prompts), batch_size):
-        ps = list(prompts[start:start + batch_size])
-        batch = adapter.prompt_target_batch(ps + ps, list(targets_a[start:start + batch_size]) +
-                                            list(targets_b[start:start + batch_size]))
-        ids = batch.input_ids.tolist()
-        rows.extend((ids[i][: batch.prefix_lens[i]], batch.target_ids[i]) for i in range(len(ps)))
-        rows.extend((ids[len(ps) + i][: batch.prefix_lens[len(ps) + i]], batch.target_ids[len(ps) + i])
-                    for i in range(len(ps)))
-    # rows hold per-chunk [a..., b...]; score them all, then pair back up per chunk
-    scores = score_continuations(adapter.model, rows, pad_id=adapter.pad_token_id, batch_size=batch_size)
-    out: list[tuple[float, float]] = []
-    pos = 0
-    for start in range(0, len(prompts), batch_size):
-        n = len(prompts[start:start + batch_size])
-        out.extend((scores[pos + i].mean_nll, scores[pos + n + i].mean_nll) for i in range(n))
-        pos += 2 * n
-    return out
+    n = len(prompts)
+    scores = score_prompt_targets(adapter, [*prompts, *prompts], [*targets_a, *targets_b], batch_size=batch_size)
+    return [(scores[i].mean_nll, scores[n + i].mean_nll) for i in range(n)]
 
 
 def knowledge_scores(adapter: ModelAdapter, records: Sequence[EditRecord], *, batch_size: int = 128

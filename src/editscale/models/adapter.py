@@ -385,6 +385,21 @@ class ModelAdapter:
         return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                           use_cache=False).logits
 
+    def final_hidden(self, inputs: Inputs) -> torch.Tensor:
+        """Hidden states [batch, seq, d_model] after the final norm; gradients flow.
+
+        With `unembed` this scores chosen positions only, which saves the vocabulary projection
+        at every other position (most of the cost of a small model's forward pass).
+        """
+        batch = self._batch(inputs)
+        out = self.model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                    use_cache=False)
+        return out[0]
+
+    def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of final hidden states (any leading shape), as the model's output head computes them."""
+        return self.model.get_output_embeddings()(hidden)
+
     def logits(self, inputs: Inputs) -> torch.Tensor:
         """Logits [batch, seq, vocab] as fp32, without gradients."""
         with torch.no_grad():

@@ -1,0 +1,160 @@
+"""The one interface every editing method implements, and the registry that finds them by name.
+
+An editor *computes* weight deltas for a list of requests and leaves the model as it found it; the
+runner applies them (`apply_deltas`). Splitting the two lets the runner check an update for
+NaN/inf before it touches the model, keep the original weights for drift, and checkpoint only
+the edited layers. Methods that are sequential by construction (ROME edits request after request)
+apply their own intermediate updates inside `compute` and restore the weights before returning,
+exactly as the reference's `execute_rome` does.
+
+Deltas are in the adapter's canonical orientation: one [d_model, d_mlp] fp32 matrix per edited
+MLP-output layer, whatever the storage (Conv1D or Linear) of the family.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from editscale.data.records import EditRecord
+from editscale.errors import EditscaleError, UnknownNameError
+from editscale.models.adapter import ModelAdapter
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """One fact rewrite: `prompt` holds "{}" where `subject` goes; targets carry no leading space."""
+
+    case_id: int
+    prompt: str
+    subject: str
+    target_new: str
+    target_true: str
+
+    @classmethod
+    def from_record(cls, record: EditRecord) -> EditRequest:
+        return cls(record.case_id, record.prompt, record.subject, record.target_new.strip(),
+                   record.target_true.strip())
+
+
+@dataclass
+class EditResult:
+    deltas: dict[int, torch.Tensor]  # layer -> canonical [d_model, d_mlp] fp32 delta
+    diagnostics: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
+
+
+class MethodConfig(BaseModel):
+    """Typed hyper-parameters. Unknown keys are an error, so a typo in a YAML file is caught."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    layers: list[int]
+
+    @classmethod
+    def from_yaml(cls: type[C], path: Path | str) -> C:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise EditscaleError(f"cannot read method config {path}: {err}") from err
+        return cls.parse(data, source=str(path))
+
+    @classmethod
+    def parse(cls: type[C], data: dict[str, Any], *, source: str = "config") -> C:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            problems = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in err.errors())
+            raise EditscaleError(f"{source}: invalid {cls.__name__}: {problems}") from err
+
+
+C = TypeVar("C", bound=MethodConfig)
+
+
+def preset_slug(model_name: str) -> str:
+    """File-name form of a model name: "EleutherAI/gpt-j-6b" -> "gpt-j-6b"."""
+    return re.sub(r"[^a-z0-9.-]+", "-", model_name.split("/")[-1].lower()).strip("-")
+
+
+class Editor(ABC):
+    """Computes weight deltas for edit requests. Subclasses set `name` and `config_class`.
+
+    `context` carries the inputs that must be comparable across runs and implementations:
+    context templates, second-moment statistics and the seed (see `solver.context`).
+    """
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[MethodConfig]]
+    presets_dir: ClassVar[Path | None] = None  # folder of <model-slug>.yaml published defaults
+
+    def __init__(self, adapter: ModelAdapter, config: MethodConfig, context: Any) -> None:
+        for layer in config.layers:
+            if not 0 <= layer < adapter.n_layers:
+                raise EditscaleError(f"{self.name}: layer {layer} is outside the model's 0..{adapter.n_layers - 1}")
+        self.adapter = adapter
+        self.config = config
+        self.context = context
+
+    @abstractmethod
+    def compute(self, requests: Sequence[EditRequest]) -> EditResult:
+        """Deltas for the requests, as if applied in one go; the model is unchanged on return."""
+
+    @classmethod
+    def default_config(cls, model_name: str) -> MethodConfig:
+        """The published hyper-parameters for a model preset (`<presets_dir>/<slug>.yaml`)."""
+        if cls.presets_dir is None:
+            raise EditscaleError(f"method {cls.name} ships no presets; pass a config")
+        path = cls.presets_dir / f"{preset_slug(model_name)}.yaml"
+        if not path.exists():
+            known = sorted(p.stem for p in cls.presets_dir.glob("*.yaml"))
+            raise EditscaleError(
+                f"no {cls.name} hyper-parameters for model '{model_name}'; presets: {', '.join(known)}. "
+                "Pass --method-config FILE.yaml"
+            )
+        return cls.config_class.from_yaml(path)
+
+
+def apply_deltas(adapter: ModelAdapter, deltas: dict[int, torch.Tensor], *, sign: float = 1.0) -> None:
+    """Add (sign=+1) or remove (sign=-1) canonical deltas to the live MLP-output weights."""
+    for layer, delta in deltas.items():
+        adapter.add_to_mlp_out_weight(layer, sign * delta)
+
+
+_METHODS: dict[str, type[Editor]] = {}
+E = TypeVar("E", bound=type[Editor])
+
+
+def register(cls: E) -> E:
+    """Class decorator: make an editor available by its `name`."""
+    if cls.name in _METHODS and _METHODS[cls.name] is not cls:
+        raise ValueError(f"method name {cls.name!r} registered twice")
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def _load_builtin_methods() -> None:
+    # Importing a method's package registers it; done lazily so `import editscale` stays light.
+    from editscale.methods import rome  # noqa: F401
+
+
+def get_method(name: str) -> type[Editor]:
+    _load_builtin_methods()
+    try:
+        return _METHODS[name.lower()]
+    except KeyError:
+        raise UnknownNameError(f"unknown method '{name}'; known methods: {', '.join(sorted(_METHODS))}") from None
+
+
+def list_methods() -> list[str]:
+    _load_builtin_methods()
+    return sorted(_METHODS)
+

@@ -1,0 +1,60 @@
+"""EditContext: the inputs that make two edits comparable, held explicitly instead of in globals.
+
+The reference keeps context templates, inverse covariances and statistics in process-global caches
+(spec §11 item 22). Here one EditContext object owns them for a run: templates are seeded and can
+be passed in; statistics can be passed in per layer or are computed through the on-disk cache;
+factorisations of C are cached on the object, so a second run in the same process starts clean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from editscale.methods.solver import stats as stats_mod
+from editscale.methods.solver.templates import DEFAULT_LENGTH_PARAMS, generate_context_templates
+from editscale.models.adapter import ModelAdapter
+
+
+@dataclass
+class EditContext:
+    model_name: str  # the base model's id: statistics are cached under it
+    seed: int = 0
+    templates: list[str] | None = None  # None: generated from the model on first use, seeded
+    mom2: dict[int, torch.Tensor] = field(default_factory=dict)  # explicit C per layer
+    stats_cache_dir: Path | None = None
+    progress: bool = True
+    _cholesky: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    _cond: dict[int, float] = field(default_factory=dict, repr=False)
+
+    def context_templates(self, adapter: ModelAdapter,
+                          length_params: Sequence[Sequence[int]] = DEFAULT_LENGTH_PARAMS) -> list[str]:
+        # Generated once and then fixed: call this on the unedited model (the runner does).
+        if self.templates is None:
+            self.templates = generate_context_templates(adapter, length_params, seed=self.seed)
+        return self.templates
+
+    def second_moment(self, adapter: ModelAdapter, layer: int, *, corpus: str, n_samples: int,
+                      dtype: str) -> torch.Tensor:
+        if layer not in self.mom2:
+            self.mom2[layer] = stats_mod.second_moment(
+                adapter, layer, model_name=self.model_name, corpus=corpus, n_samples=n_samples, dtype=dtype,
+                cache_dir=self.stats_cache_dir, progress=self.progress)
+        return self.mom2[layer]
+
+    def solve_mom2(self, adapter: ModelAdapter, layer: int, rhs: torch.Tensor, *, corpus: str, n_samples: int,
+                   dtype: str) -> torch.Tensor:
+        """C⁻¹ rhs in fp64 by a cached Cholesky factor (spec §11 item 18: solve, not inverse)."""
+        if layer not in self._cholesky:
+            c = self.second_moment(adapter, layer, corpus=corpus, n_samples=n_samples, dtype=dtype).double()
+            self._cholesky[layer] = torch.linalg.cholesky(c)
+            self._cond[layer] = stats_mod.condition_number(c)
+        chol = self._cholesky[layer]
+        out = torch.cholesky_solve(rhs.double().reshape(chol.shape[0], -1).cpu(), chol)
+        return out.reshape(rhs.shape)
+
+    def mom2_condition(self, layer: int) -> float:
+        return self._cond.get(layer, float("nan"))

@@ -1,0 +1,29 @@
+"""Keys (inputs of the MLP output projection) at the subject token, shared by ROME-family methods."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from editscale.models.adapter import ModelAdapter
+
+
+def fill(template: str, prompt: str) -> str:
+    """Put a request prompt into a context template: "X. {}" + "{} plays the" -> "X. {} plays the"."""
+    return template.replace("{}", prompt, 1) if "{}" in template else template
+
+
+def keys_at_subject(adapter: ModelAdapter, layer: int, prompts: Sequence[str], subject: str,
+                    fact_token: str = "subject_last") -> tuple[torch.Tensor, torch.Tensor]:
+    """(keys [n, d_mlp], values [n, d_model]) at the fact token of each prompt ("{}" = subject)."""
+    positions = adapter.subject_token_indices(list(prompts), [subject] * len(prompts), fact_token)
+    texts = [p.format(subject) for p in prompts]
+    return adapter.capture_mlp_io(texts, positions, layer)
+
+
+def mean_key(adapter: ModelAdapter, layer: int, templates: Sequence[str], prompt: str, subject: str,
+             fact_token: str = "subject_last") -> tuple[torch.Tensor, torch.Tensor]:
+    """k̄ and v̄: the key and value averaged over the context templates (spec §2.4, plain mean)."""
+    keys, values = keys_at_subject(adapter, layer, [fill(t, prompt) for t in templates], subject, fact_token)
+    return keys.mean(dim=0), values.mean(dim=0)

@@ -1,0 +1,225 @@
+"""Second-moment statistics C = E[k kᵀ] of an MLP-output layer's keys (spec §2.5): compute, cache, resume.
+
+C is the expensive, shared input of ROME, MEMIT, EMMET and AlphaEdit. It is computed once per
+(base model, layer, corpus, sample count, dtype) and cached on disk. The cache key pins the *base*
+model by name and by a fingerprint of its weights, so an edited or retrained model never picks up
+stale statistics (the reference keys on `config._name_or_path` only, spec §11 item 3).
+
+Accumulation runs over a fixed pseudo-random subset of the corpus's documents (seed 1, as the
+reference's FixedRandomSubsetSampler), every non-padding token, uncentred. Partial sums are saved
+atomically every few batches, so a killed computation resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from editscale.errors import EditscaleError, UnknownNameError
+from editscale.models.adapter import ModelAdapter
+
+SUBSET_SEED = 1  # the reference's `random_sample = 1`
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("EDITSCALE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "editscale")
+    return Path(root) / "stats"
+
+
+# ---------------------------------------------------------------------- corpora
+
+
+def _factworld_docs(n: int) -> list[str]:
+    """Documents in the embedded model's own training distribution: fact lines and skill blocks.
+
+    A fixed pool of about 7,500 documents (1,500 of fact lines, 1,500 per skill task); mixing both
+    keeps C well conditioned, fact lines alone span few key directions.
+    """
+    from editscale.data.factworld import default_world
+    from editscale.data.factworld.skills import SKILL_TASKS, skill_training_text
+    from editscale.data.factworld.world import fact_lines
+
+    world = default_world()
+    rng = random.Random("stats-corpus")
+    lines = fact_lines(world, 3, rng)
+    docs = ["\n".join(lines[i:i + 4]) for i in range(0, len(lines), 4)][:1500]
+    for task in SKILL_TASKS.values():
+        text = skill_training_text(task, rng, world.reserved_names, 3000)
+        blocks = [b for b in text.split("\n\n") if b.strip()]
+        docs.extend("\n\n".join(blocks[i:i + 2]) + "\n\n" for i in range(0, len(blocks), 2))
+    return docs
+
+
+def _hf_docs(path: str, name: str | None) -> Callable[[int], list[str]]:
+    def load(n: int) -> list[str]:
+        try:
+            from datasets import load_dataset
+        except ImportError as err:
+            raise EditscaleError("this statistics corpus needs `datasets`: pip install 'editscale[online]'") from err
+        ds = load_dataset(path, name, split="train")
+        return [t for t in ds["text"] if t.strip()]
+
+    return load
+
+
+CORPORA: dict[str, Callable[[int], list[str]]] = {
+    "factworld": _factworld_docs,
+    "wikitext": _hf_docs("wikitext", "wikitext-103-raw-v1"),
+    # The reference's "wikipedia"/"20200501.en" snapshot is gone from the hub; this is its successor.
+    "wikipedia": _hf_docs("wikimedia/wikipedia", "20231101.en"),
+}
+
+
+def corpus_documents(corpus: str, n_samples: int) -> list[str]:
+    """`n_samples` documents of a corpus: a fixed random subset (seed 1), in a fixed order."""
+    if corpus not in CORPORA:
+        raise UnknownNameError(f"unknown statistics corpus '{corpus}'; known: {', '.join(CORPORA)}")
+    docs = CORPORA[corpus](n_samples)
+    if len(docs) > n_samples:
+        idx = sorted(random.Random(SUBSET_SEED).sample(range(len(docs)), n_samples))
+        docs = [docs[i] for i in idx]
+    return docs
+
+
+# ---------------------------------------------------------------------- cache key
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of the model's weights: shapes plus a strided sample of every tensor.
+
+    Cheap even for billions of parameters, and different for a retrained or edited model.
+    """
+    h = hashlib.sha256()
+    for name, p in model.state_dict().items():
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        h.update(name.encode())
+        h.update(str(tuple(p.shape)).encode())
+        h.update(flat[::step][:4096].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class StatsKey:
+    model_name: str
+    fingerprint: str
+    layer: int
+    corpus: str
+    n_samples: int
+    dtype: str
+    max_length: int
+
+    def path(self, root: Path) -> Path:
+        model = self.model_name.replace("/", "_")
+        return root / f"{model}-{self.fingerprint}" / self.corpus / (
+            f"layer{self.layer}_{self.dtype}_n{self.n_samples}_len{self.max_length}.safetensors")
+
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+# ---------------------------------------------------------------------- accumulation
+
+
+def _batches(adapter: ModelAdapter, docs: Sequence[str], max_length: int, token_budget: int
+             ) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
+    """(first doc, end doc, padded batch) with at most `token_budget` padded tokens per batch."""
+    i = 0
+    while i < len(docs):
+        j, rows = i, []
+        while j < len(docs):
+            ids = adapter.tokenizer(docs[j], add_special_tokens=True, truncation=True,
+                                    max_length=max_length)["input_ids"]
+            longest = max([len(r) for r in rows] + [len(ids)])
+            if rows and longest * (len(rows) + 1) > token_budget:
+                break
+            rows.append(ids)
+            j += 1
+        yield i, j, adapter.pad(rows)
+        i = j
+
+
+def second_moment(adapter: ModelAdapter, layer: int, *, model_name: str, corpus: str = "factworld",
+                  n_samples: int = 20000, dtype: str = "float64", max_length: int | None = None,
+                  cache_dir: Path | str | None = None, token_budget: int = 8192, save_every: int = 20,
+                  progress: bool = True) -> torch.Tensor:
+    """C = (1/N) Σ k kᵀ over every non-padding token of the corpus subset, [d_mlp, d_mlp] on CPU."""
+    if dtype not in _DTYPES:
+        raise EditscaleError(f"statistics dtype must be one of {', '.join(_DTYPES)}, got '{dtype}'")
+    max_length = int(max_length or adapter.max_positions or 1024)
+    key = StatsKey(model_name, model_fingerprint(adapter.model), layer, corpus, n_samples, dtype, max_length)
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    path = key.path(root)
+    if path.exists():
+        return load_file(path)["mom2"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial.safetensors")
+    tdtype = _DTYPES[dtype]
+    total = torch.zeros(adapter.d_mlp, adapter.d_mlp, dtype=tdtype)
+    count, done = 0, 0
+    if partial.exists():
+        state = load_file(partial)
+        total, count, done = state["sum"], int(state["count"].item()), int(state["docs_done"].item())
+
+    docs = corpus_documents(corpus, n_samples)
+    bar = _progress(progress, f"C layer {layer} ({corpus})", len(docs), done)
+    t0 = time.time()
+    for n_batch, (_first, end, batch) in enumerate(_batches(adapter, docs[done:], max_length, token_budget)):
+        keys = adapter.capture_mlp_keys(batch, layer)  # [b, s, d_mlp]
+        mask = batch["attention_mask"].bool().to(keys.device)
+        k = keys[mask].to("cpu", tdtype)
+        total += k.T @ k
+        count += k.shape[0]
+        done_now = done + end
+        bar(done_now)
+        if (n_batch + 1) % save_every == 0:
+            _save_atomic(partial, {"sum": total, "count": torch.tensor(count), "docs_done": torch.tensor(done_now)})
+    bar(None)
+    if count == 0:
+        raise EditscaleError(f"statistics corpus '{corpus}' gave no tokens")
+    mom2 = total / count
+    meta = {"key": json.dumps(key.__dict__), "tokens": str(count), "seconds": f"{time.time() - t0:.1f}"}
+    _save_atomic(path, {"mom2": mom2}, meta)
+    partial.unlink(missing_ok=True)
+    return mom2
+
+
+def _save_atomic(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def _progress(enabled: bool, label: str, total: int, start: int) -> Callable[[int | None], Any]:
+    if not enabled:
+        return lambda n: None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("docs"), TimeRemainingColumn(),
+                   transient=True)
+    task = bar.add_task(label, total=total, completed=start)
+    bar.start()
+
+    def update(n: int | None) -> None:
+        if n is None:
+            bar.stop()
+        else:
+            bar.update(task, completed=n)
+
+    return update
+
+
+def condition_number(mom2: torch.Tensor) -> float:
+    """cond(C) = λmax / λmin, from the symmetric eigenvalues in fp64."""
+    ev = torch.linalg.eigvalsh(mom2.double())
+    return float(ev[-1] / ev[0]) if ev[0] > 0 else float("inf")

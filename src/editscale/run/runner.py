@@ -1,0 +1,304 @@
+"""The sequential runner: edit N facts one after another, measure after each edit and on a schedule.
+
+Per edit: ES/PS/NS of that edit (with windowed means over the last 5 and 50), the drift of every
+edited layer, the editor's diagnostics and timings. Every `eval_every` edits: forgetting of all
+earlier successful edits and the control set's recall. Every `checkpoint_every` edits: the edited
+layers' weights and the runner state, so `resume` continues where a killed run stopped and ends with
+the same rows and weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from editscale.data.records import EditRecord
+from editscale.errors import EditscaleError
+from editscale.eval.drift import layer_drift
+from editscale.eval.forgetting import ForgettingTracker, select_control
+from editscale.eval.proficiency import edit_scores, window_means
+from editscale.methods.base import Editor, EditRequest, MethodConfig, apply_deltas, get_method
+from editscale.methods.solver.context import EditContext
+from editscale.run.config import RunConfig, dump_config, load_config
+from editscale.run.store import RunStore
+
+WINDOWS = (5, 50)
+
+
+def resolve_method_config(cfg: RunConfig, model_name: str, method_config_file: Path | None = None,
+                          overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Fill cfg.method_config: the preset for the model, then a YAML file, then overrides."""
+    editor_cls = get_method(cfg.method)
+    if cfg.method_config and method_config_file is None and not overrides:
+        editor_cls.config_class.parse(cfg.method_config, source="method_config")  # validate
+        return cfg
+    base: dict[str, Any] = {}
+    if method_config_file is not None:
+        base = editor_cls.config_class.from_yaml(method_config_file).model_dump()
+    else:
+        base = editor_cls.default_config(model_name).model_dump()
+    base.update(cfg.method_config)
+    base.update(overrides or {})
+    resolved = editor_cls.config_class.parse(base, source="method config").model_dump(mode="json")
+    return cfg.model_copy(update={"method_config": resolved})
+
+
+def select_edit_order(records: list[EditRecord], cfg: RunConfig) -> list[EditRecord]:
+    """The records of sample `cfg.sample` in order: a sample file's list, or the paper's recipe
+    (unique subjects, seed 37, cumulative shuffles) rebuilt over this dataset."""
+    from editscale.data.sampling import load_sample_file, make_samples, select_sample, unique_subject_indices
+
+    if cfg.sample_file:
+        samples = load_sample_file(cfg.sample_file)
+    else:
+        samples = make_samples(unique_subject_indices(records), n_samples=cfg.sample + 1)
+    key = str(cfg.sample)
+    if key not in samples:
+        raise EditscaleError(f"no sample {key}; the sample file holds {', '.join(sorted(samples, key=int))}")
+    if cfg.edits > len(samples[key]):
+        raise EditscaleError(f"--edits {cfg.edits} is more than sample {key} holds ({len(samples[key])} "
+                             f"records of dataset '{cfg.dataset}')")
+    by = "position" if cfg.sample_file is None else "case_id"
+    return select_sample(records, samples, key, None, by=by)
+
+
+@dataclass
+class RunState:
+    edits_done: int = 0
+    history: dict[str, list[float]] = field(default_factory=lambda: {"es": [], "ps": [], "ns": []})
+    skipped: list[int] = field(default_factory=list)
+
+
+class Runner:
+    def __init__(self, cfg: RunConfig, out: Path | str, *, progress: bool = True,
+                 log: Callable[[str], None] = print) -> None:
+        self.cfg = cfg
+        self.store = RunStore(out)
+        self.progress = progress
+        self.log = log
+
+    # ------------------------------------------------------------------ setup
+
+    @classmethod
+    def resume(cls, out: Path | str, **kwargs: Any) -> Runner:
+        path = Path(out) / "config.yaml"
+        if not path.exists():
+            raise EditscaleError(f"{out} holds no run (no config.yaml)")
+        return cls(load_config(path), out, **kwargs)
+
+    def _check_dir(self) -> None:
+        path = self.store.root / "config.yaml"
+        if path.exists():
+            before = load_config(path)
+            if before.identity() != self.cfg.identity():
+                diff = [k for k, v in self.cfg.identity().items() if before.identity().get(k) != v]
+                raise EditscaleError(
+                    f"{self.store.root} holds another run (differs in: {', '.join(diff)}); "
+                    "use a new --out, or `editscale resume DIR` to continue that run")
+        elif self.store.root.exists() and any(self.store.root.iterdir()):
+            raise EditscaleError(f"{self.store.root} exists and is not an editscale run directory")
+
+    def run(self) -> dict[str, Any]:
+        from editscale.api import load_records
+        from editscale.models.loading import load_model
+
+        cfg = self.cfg
+        self._check_dir()
+        lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+        cfg = self.cfg = resolve_method_config(cfg, lm.name)
+        records = load_records(cfg.dataset, data_path=cfg.data_path)
+        order = select_edit_order(records, cfg)
+        edits = order[: cfg.edits]
+        self.store.create()
+        self.store.write_text("config.yaml", dump_config(cfg))
+
+        adapter = lm.adapter
+        editor_cls = get_method(cfg.method)
+        method_cfg: MethodConfig = editor_cls.config_class.parse(cfg.method_config)
+        layers = list(method_cfg.layers)
+        templates = self.store.read_json("templates.json")
+        ctx = EditContext(lm.name, seed=cfg.seed, templates=templates,
+                          stats_cache_dir=Path(cfg.stats_cache) if cfg.stats_cache else None, progress=self.progress)
+        editor: Editor = editor_cls(adapter, method_cfg, ctx)
+
+        # Everything taken from the base model happens before a checkpoint is loaded.
+        if templates is None and hasattr(method_cfg, "context_template_length_params"):
+            templates = ctx.context_templates(adapter, method_cfg.context_template_length_params)
+            self.store.write_json("templates.json", templates)
+        original = {layer: adapter.get_mlp_out_weight(layer).detach().float().cpu().clone() for layer in layers}
+        tracker = ForgettingTracker()
+        control_ids = self.store.read_json("control.json")
+        by_id = {r.case_id: r for r in records}
+        if control_ids is None:
+            tracker.control = select_control(adapter, order[cfg.edits:], cfg.control) if cfg.control else []
+            self.store.write_json("control.json", [r.case_id for r in tracker.control])
+        else:
+            tracker.control = [by_id[c] for c in control_ids]
+        self._warm_statistics(editor, method_cfg)
+
+        state = RunState()
+        ckpt = self.store.load_checkpoint()
+        if ckpt is not None:
+            weights, saved = ckpt
+            for layer in layers:
+                adapter.set_mlp_out_weight(layer, weights[f"layer{layer}"])
+            state = RunState(saved["edits_done"], saved["history"], saved.get("skipped", []))
+            tracker.load_state_dict(saved["tracker"], by_id)
+            self.log(f"resuming {self.store.root} after edit {state.edits_done}")
+        # rows past the checkpoint were written by the killed process: an uninterrupted run
+        # writes them again, so they go
+        self.store.truncate("edits", "index", state.edits_done)
+        self.store.truncate("forgetting", "edits_done", state.edits_done + 1)
+
+        t_start = time.perf_counter()
+        done_before = state.edits_done
+        with _progress_bar(self.progress, cfg.edits, state.edits_done) as bar:
+            while state.edits_done < cfg.edits:
+                i = state.edits_done
+                record = edits[i]
+                row = self._edit_one(editor, adapter, record, i, original, state, tracker)
+                self.store.append("edits", row)
+                if row["status"] == "nonfinite" and cfg.on_nonfinite == "stop":
+                    self.log(f"edit {i} (case {record.case_id}) gave a non-finite update; stopping "
+                             "(--on-nonfinite skip would skip it)")
+                    break
+                state.edits_done = i + 1
+                if state.edits_done % cfg.eval_every == 0 or state.edits_done == cfg.edits:
+                    self.store.append("forgetting", tracker.check(adapter, state.edits_done))
+                if state.edits_done % cfg.checkpoint_every == 0 or state.edits_done == cfg.edits:
+                    self._checkpoint(adapter, layers, state, tracker)
+                bar(state.edits_done, row)
+        elapsed = time.perf_counter() - t_start
+        summary = self._summary(state, elapsed, state.edits_done - done_before)
+        self.store.write_json("summary.json", summary)
+        return summary
+
+    def _warm_statistics(self, editor: Editor, method_cfg: MethodConfig) -> None:
+        # Statistics are taken from the base model too (computed or read from the cache).
+        if getattr(method_cfg, "mom2_adjustment", False):
+            for layer in method_cfg.layers:
+                editor.context.second_moment(editor.adapter, layer, corpus=method_cfg.mom2_dataset,  # type: ignore[attr-defined]
+                                             n_samples=method_cfg.mom2_n_samples,  # type: ignore[attr-defined]
+                                             dtype=method_cfg.mom2_dtype)  # type: ignore[attr-defined]
+
+    # ------------------------------------------------------------------ one edit
+
+    def _edit_one(self, editor: Editor, adapter: Any, record: EditRecord, index: int,
+                  original: dict[int, torch.Tensor], state: RunState, tracker: ForgettingTracker) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        result = editor.compute([EditRequest.from_record(record)])
+        t1 = time.perf_counter()
+        row: dict[str, Any] = {"index": index, "case_id": record.case_id, "subject": record.subject,
+                               "target_new": record.target_new, "target_true": record.target_true}
+        bad = [layer for layer, d in result.deltas.items() if not torch.isfinite(d).all()]
+        scores = None
+        if not bad:
+            apply_deltas(adapter, result.deltas)
+            scores = edit_scores(adapter, [record])[0]
+            if not (math.isfinite(scores.nll_new) and math.isfinite(scores.nll_true)):
+                apply_deltas(adapter, result.deltas, sign=-1.0)  # the logits went non-finite: undo
+                bad = list(result.deltas)
+                scores = None
+        t2 = time.perf_counter()
+        if scores is None:
+            state.skipped.append(index)
+            row.update(status="nonfinite", bad_layers=bad, diagnostics=_clean(result.diagnostics))
+            return row
+        h = state.history
+        h["es"].append(scores.es)
+        h["ps"].append(scores.ps)
+        h["ns"].append(scores.ns)
+        tracker.add(record, greedy_success=scores.rewrite_correct, es_success=scores.es == 1.0)
+        row.update(status="ok", **scores.as_row())
+        for w in WINDOWS:
+            for k in ("es", "ps", "ns"):
+                row[f"{k}_w{w}"] = window_means(h[k], w)
+        drift = {str(layer): layer_drift(original[layer], adapter.get_mlp_out_weight(layer))
+                 for layer in original}
+        t3 = time.perf_counter()
+        row["drift"] = drift
+        row["diagnostics"] = _clean(result.diagnostics)
+        row["timings"] = {**{k: round(v, 5) for k, v in result.timings.items()}, "edit": round(t1 - t0, 5),
+                          "eval": round(t2 - t1, 5), "drift": round(t3 - t2, 5), "total": round(t3 - t0, 5)}
+        return row
+
+    def _checkpoint(self, adapter: Any, layers: list[int], state: RunState, tracker: ForgettingTracker) -> None:
+        weights = {f"layer{layer}": adapter.get_mlp_out_weight(layer).float() for layer in layers}
+        self.store.save_checkpoint(weights, {"edits_done": state.edits_done, "history": state.history,
+                                             "skipped": state.skipped, "tracker": tracker.state_dict()})
+
+    def _summary(self, state: RunState, elapsed: float, edits_this_process: int) -> dict[str, Any]:
+        rows = [r for r in self.store.iter_rows("edits") if r["status"] == "ok"]
+        forget = self.store.rows("forgetting")
+        last = forget[-1] if forget else {}
+        mode = self.cfg.forgetting
+        max_drift = max((d["dist"] for r in rows for d in r["drift"].values()), default=0.0)
+        total_time = sum(r["timings"]["total"] for r in rows)
+
+        def mean(key: str) -> float:
+            vals = [r[key] for r in rows if r[key] == r[key]]
+            return sum(vals) / len(vals) if vals else float("nan")
+
+        return {
+            "edits_done": state.edits_done,
+            "edits_planned": self.cfg.edits,
+            "nonfinite_edits": state.skipped,
+            "mean_es": mean("es"), "mean_ps": mean("ps"), "mean_ns": mean("ns"),
+            "forgetting_mode": mode,
+            "forgotten_pct_final": last.get(f"{'paper' if mode == 'paper' else 'prob'}_forgotten_pct", 0.0),
+            "paper_forgotten_pct_final": last.get("paper_forgotten_pct", 0.0),
+            "prob_forgotten_pct_final": last.get("prob_forgotten_pct", 0.0),
+            "control_known_pct_final": last.get("control_known_pct"),
+            "max_drift": max_drift,
+            "final_drift": rows[-1]["drift"] if rows else {},
+            "seconds_per_edit": total_time / len(rows) if rows else float("nan"),
+            "wall_seconds_this_process": round(elapsed, 2),
+            "edits_this_process": edits_this_process,
+        }
+
+
+def _clean(d: dict[str, float]) -> dict[str, float | None]:
+    return {k: (float(v) if math.isfinite(float(v)) else None) for k, v in d.items()}
+
+
+class _progress_bar:
+    """Edits/s, ETA and live ES / NS (last 50) and drift; a no-op when disabled."""
+
+    def __init__(self, enabled: bool, total: int, done: int) -> None:
+        self.enabled, self.total, self.done = enabled, total, done
+
+    def __enter__(self) -> Callable[[int, dict[str, Any]], None]:
+        if not self.enabled:
+            return lambda n, row: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("editing"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), TextColumn("{task.fields[live]}"))
+        task = self.bar.add_task("edit", total=self.total, completed=self.done, rate="", live="")
+        self.bar.start()
+        t0, n0 = time.perf_counter(), self.done
+
+        def update(n: int, row: dict[str, Any]) -> None:
+            rate = (n - n0) / max(1e-9, time.perf_counter() - t0)
+            live = ""
+            if row.get("status") == "ok":
+                drift = max(d["dist"] for d in row["drift"].values())
+                live = f"ES50 {row['es_w50']:.2f} NS50 {row['ns_w50']:.2f} drift {drift:.2e}"
+            self.bar.update(task, completed=n, rate=f"{rate:.2f} edits/s", live=live)
+
+        return update
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.enabled:
+            self.bar.stop()
+
+
+def run_summary_yaml(summary: dict[str, Any]) -> str:
+    return yaml.safe_dump(summary, sort_keys=False)
