@@ -51,7 +51,7 @@ def test_malformed_counterfact_record_is_named(tmp_path: Path) -> None:
 @pytest.mark.parametrize("args, needle", [
     (("facts", "--dataset", "nosuch"), "unknown dataset"),
     (("facts", "--model", "/nonexistent/model/dir"), "/nonexistent/model/dir"),
-    (("skills", "--tasks", "sentiment,nosuch"), "unknown skill task"),
+    (("skills", "--tasks", "sentiment,nosuch"), "unknown downstream task"),
     (("validate-data", "--dataset", "counterfact", "--data-path", "/nonexistent.json"), "does not exist"),
 ])
 def test_bad_input_is_one_clear_line(args: tuple[str, ...], needle: str) -> None:
@@ -90,12 +90,16 @@ def test_skills_json_contract() -> None:
 def test_run_then_resume_and_methods(tmp_path: Path) -> None:
     out = tmp_path / "run"
     fast = ("--set", "v_num_grad_steps=4", "--set", "context_template_length_params=[[5, 2]]",
-            "--set", "mom2_n_samples=200", "--stats-cache", str(tmp_path / "stats"), "--no-progress")
+            "--set", "mom2_n_samples=200", "--stats-cache", str(tmp_path / "stats"), "--no-progress",
+            "--downstream", "sentiment", "--downstream-n", "10", "--downstream-every", "2")
     res = run_cli("run", "--out", str(out), "--edits", "4", "--eval-every", "2", "--control", "5", *fast)
     assert res.returncode == 0, res.stderr
     assert "mean ES" in res.stdout and "edits.jsonl" in res.stdout
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["edits_done"] == 4
+    assert summary["edits_done"] == 4 and set(summary["downstream_final_f1"]) == {"sentiment"}
+    res = run_cli("skills", "--model", str(out), "--tasks", "sentiment", "--n", "10", "--json")
+    assert res.returncode == 0, res.stderr
+    assert "after 4 edits" in json.loads(res.stdout)["model"]
     res = run_cli("resume", str(out), "--no-progress")  # a finished run resumes to the same summary
     assert res.returncode == 0, res.stderr
     assert json.loads((out / "summary.json").read_text())["mean_es"] == summary["mean_es"]

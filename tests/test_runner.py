@@ -32,12 +32,18 @@ def fast_config(**kw) -> RunConfig:
     from editscale.run.runner import resolve_method_config
 
     cfg = RunConfig(edits=kw.pop("edits", 8), eval_every=kw.pop("eval_every", 2),
-                    checkpoint_every=kw.pop("checkpoint_every", 3), control=kw.pop("control", 10), **kw)
+                    checkpoint_every=kw.pop("checkpoint_every", 3), control=kw.pop("control", 10),
+                    downstream=kw.pop("downstream", ["sentiment", "acceptability"]), downstream_n=10,
+                    downstream_every=kw.pop("downstream_every", 4), **kw)
     return resolve_method_config(cfg, "embedded", overrides=FAST_METHOD)
 
 
-def _without_timings(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in ("timings", "seconds")} for r in rows]
+def _without_timings(rows):
+    if isinstance(rows, list):
+        return [_without_timings(r) for r in rows]
+    if isinstance(rows, dict):
+        return {k: _without_timings(v) for k, v in rows.items() if k not in ("timings", "seconds")}
+    return rows
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +74,12 @@ def test_run_writes_its_files(tmp_path: Path, stats_cache: Path) -> None:
                 "seconds_per_edit"):
         assert key in summary
     assert summary == json.loads((out / "summary.json").read_text())
+    downstream = store.rows("downstream")
+    assert [r["edits_done"] for r in downstream] == [0, 4, 8]
+    assert set(downstream[0]["tasks"]) == {"sentiment", "acceptability"}
+    assert downstream[0]["tasks"]["sentiment"]["total"] == 10
+    assert set(summary["downstream_initial_f1"]) == {"sentiment", "acceptability"}
+    assert summary["downstream_final_at"] == 8
     assert 0.5 <= summary["mean_es"] <= 1.0
     # drift grows as edits accumulate
     dists = [r["drift"]["1"]["fro"] for r in edits]
@@ -100,6 +112,8 @@ def test_kill_and_resume_gives_identical_results(tmp_path: Path, stats_cache: Pa
     a, b = RunStore(ref_dir), RunStore(killed_dir)
     assert _without_timings(a.rows("edits")) == _without_timings(b.rows("edits"))
     assert _without_timings(a.rows("forgetting")) == _without_timings(b.rows("forgetting"))
+    assert _without_timings(a.rows("downstream")) == _without_timings(b.rows("downstream"))
+    assert len(a.rows("downstream")) == 4  # edits 0, 4, 8, 10
     wa = load_file(str(ref_dir / "checkpoint/weights.safetensors"))
     wb = load_file(str(killed_dir / "checkpoint/weights.safetensors"))
     for k in wa:

@@ -77,25 +77,33 @@ def facts(model: ModelOpt = "embedded", n: Annotated[int, typer.Option(help="Rec
 
 @app.command()
 def skills(model: ModelOpt = "embedded",
-           tasks: Annotated[str, typer.Option(help="Comma-separated skill tasks (default: all four).")] = "",
-           n: Annotated[int, typer.Option(help="Examples per task (balanced).")] = 200,
+           tasks: Annotated[str, typer.Option(help="Comma-separated tasks (default: the embedded model's four "
+                                                   "skills, or sst2,mrpc,cola,rte for other models).")] = "",
+           n: Annotated[int, typer.Option(help="Examples per task.")] = 200,
+           mode: Annotated[str, typer.Option(help="paper (greedy 3 tokens, parsed) or logprob.")] = "paper",
+           glue_dir: Annotated[Path | None, typer.Option(help="Folder of the GLUE subsets (<task>.jsonl); "
+                                                              "else built with `datasets`.")] = None,
+           naive: Annotated[bool, typer.Option(help="One full pass per example (no shared-prefix cache).")] = False,
            device: DeviceOpt = "cpu", as_json: JsonOpt = False) -> None:
-    """Few-shot F1 of the embedded skill tasks, in the paper's GLUE templates."""
-    from editscale.api import evaluate_skills, resolve_skill_tasks
-    from editscale.models.loading import load_model
+    """Few-shot F1 of downstream tasks in the paper's templates; --model may be a run directory."""
+    from editscale.eval.downstream.suite import DownstreamSuite, default_tasks
+    from editscale.run.runner import load_model_or_run
 
-    names = resolve_skill_tasks([t.strip() for t in tasks.split(",") if t.strip()] or None, n)
-    loaded = load_model(model, device=device)
-    res = evaluate_skills(loaded.model, loaded.tokenizer, names, n=n)
+    if mode not in ("paper", "logprob"):
+        raise EditscaleError(f"--mode must be paper or logprob, got '{mode}'")
+    loaded, label = load_model_or_run(model, device=device)
+    names = [t.strip() for t in tasks.split(",") if t.strip()] or list(default_tasks(loaded.name))
+    suite = DownstreamSuite(names, mode=mode, n=n, data_dir=glue_dir, fast=not naive)  # type: ignore[arg-type]
+    res = suite.evaluate(loaded.model, loaded.tokenizer)
+    keep = ("f1", "accuracy", "mcc", "invalid", "total")
     if as_json:
-        _emit_json({"model": model, **{k: {m: v[m] for m in ("f1", "accuracy", "mcc", "invalid", "total")}
-                                       for k, v in res.items()}})
+        _emit_json({"model": label, "mode": mode, **{k: {m: v[m] for m in keep} for k, v in res.items()}})
         return
-    t = Table(title=f"Few-shot skills of {model}")
-    for col in ("task", "mirrors", "F1", "accuracy", "invalid"):
+    t = Table(title=f"Few-shot skills of {label} ({mode} mode)")
+    for col in ("task", "F1", "accuracy", "invalid", "seconds"):
         t.add_column(col)
     for k, v in res.items():
-        t.add_row(k, v["mirrors"], f"{v['f1']:.3f}", f"{v['accuracy']:.3f}", str(v["invalid"]))
+        t.add_row(k, f"{v['f1']:.3f}", f"{v['accuracy']:.3f}", str(v["invalid"]), f"{v['seconds']:.1f}")
     console.print(t)
 
 
@@ -141,6 +149,14 @@ def inspect(device: DeviceOpt = "cpu", n: Annotated[int, typer.Option(help="Fact
     demo_report(console, device=device, n_show=n)
 
 
+def _task_list(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    if value.strip().lower() == "none":
+        return []
+    return [t.strip() for t in value.split(",") if t.strip()]
+
+
 def _parse_sets(items: list[str] | None) -> dict[str, Any]:
     import yaml
 
@@ -169,6 +185,12 @@ def run(
     = "paper",
     control: Annotated[int, typer.Option(help="Never-edited control facts scored at checkpoints.")] = 200,
     on_nonfinite: Annotated[str, typer.Option(help="stop or skip when an update is NaN/inf.")] = "stop",
+    downstream: Annotated[str | None, typer.Option(help="Downstream tasks, comma-separated; 'none' = off "
+                                                        "(default: the model's four).")] = None,
+    downstream_every: Annotated[int, typer.Option(help="Downstream evaluation every K edits (0 = never).")] = 10,
+    downstream_mode: Annotated[str, typer.Option(help="paper or logprob.")] = "paper",
+    downstream_n: Annotated[int, typer.Option(help="Examples per downstream task.")] = 200,
+    glue_dir: Annotated[Path | None, typer.Option(help="Folder of the GLUE subsets (<task>.jsonl).")] = None,
     method_config: Annotated[Path | None, typer.Option(help="YAML file of method hyper-parameters.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a method hyper-parameter, KEY=VALUE.")]
     = None,
@@ -186,7 +208,10 @@ def run(
         "model": model, "method": method, "dataset": dataset, "data_path": str(data_path) if data_path else None,
         "sample": sample, "sample_file": str(sample_file) if sample_file else None, "edits": edits,
         "eval_every": eval_every, "checkpoint_every": checkpoint_every, "forgetting": forgetting,
-        "control": control, "on_nonfinite": on_nonfinite, "seed": seed, "device": device, "dtype": dtype,
+        "control": control, "on_nonfinite": on_nonfinite, "seed": seed,
+        "downstream": _task_list(downstream), "downstream_every": downstream_every,
+        "downstream_mode": downstream_mode, "downstream_n": downstream_n,
+        "glue_dir": str(glue_dir) if glue_dir else None, "device": device, "dtype": dtype,
         "stats_cache": str(stats_cache) if stats_cache else None}, source="command line")
     from editscale.models.loading import find_preset
 

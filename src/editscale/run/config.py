@@ -28,6 +28,11 @@ class RunConfig(BaseModel):
     forgetting: Literal["paper", "probability"] = "paper"  # which criterion summary.json headlines
     control: int = Field(200, ge=0, description="never-edited facts the model knew, scored at checkpoints")
     on_nonfinite: Literal["stop", "skip"] = "stop"
+    downstream: list[str] | None = Field(None, description="downstream tasks; None = the model's default set")
+    downstream_every: int = Field(10, ge=0, description="downstream evaluation every K edits; 0 = never")
+    downstream_mode: Literal["paper", "logprob"] = "paper"
+    downstream_n: int = Field(200, ge=2, description="examples per downstream task")
+    glue_dir: str | None = Field(None, description="folder of the paper's GLUE subsets (<task>.jsonl)")
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"

@@ -142,6 +142,9 @@ class Runner:
         else:
             tracker.control = [by_id[c] for c in control_ids]
         self._warm_statistics(editor, method_cfg)
+        suite = self._downstream_suite(cfg, lm.name)
+        if suite is not None and not any(r["edits_done"] == 0 for r in self.store.iter_rows("downstream")):
+            self.store.append("downstream", self._downstream_row(suite, lm, 0))  # the unedited model
 
         state = RunState()
         ckpt = self.store.load_checkpoint()
@@ -156,6 +159,7 @@ class Runner:
         # writes them again, so they go
         self.store.truncate("edits", "index", state.edits_done)
         self.store.truncate("forgetting", "edits_done", state.edits_done + 1)
+        self.store.truncate("downstream", "edits_done", state.edits_done + 1)
 
         t_start = time.perf_counter()
         done_before = state.edits_done
@@ -172,6 +176,11 @@ class Runner:
                 state.edits_done = i + 1
                 if state.edits_done % cfg.eval_every == 0 or state.edits_done == cfg.edits:
                     self.store.append("forgetting", tracker.check(adapter, state.edits_done))
+                if suite is not None and (state.edits_done % cfg.downstream_every == 0
+                                          or state.edits_done == cfg.edits):
+                    drow = self._downstream_row(suite, lm, state.edits_done)
+                    self.store.append("downstream", drow)
+                    row = {**row, "downstream": drow}
                 if state.edits_done % cfg.checkpoint_every == 0 or state.edits_done == cfg.edits:
                     self._checkpoint(adapter, layers, state, tracker)
                 bar(state.edits_done, row)
@@ -179,6 +188,22 @@ class Runner:
         summary = self._summary(state, elapsed, state.edits_done - done_before)
         self.store.write_json("summary.json", summary)
         return summary
+
+    def _downstream_suite(self, cfg: RunConfig, model_name: str) -> Any:
+        from editscale.eval.downstream.suite import DownstreamSuite, default_tasks
+
+        names = default_tasks(model_name) if cfg.downstream is None else cfg.downstream
+        if not cfg.downstream_every or not names:
+            return None
+        return DownstreamSuite(names, mode=cfg.downstream_mode, n=cfg.downstream_n, data_dir=cfg.glue_dir)
+
+    def _downstream_row(self, suite: Any, lm: Any, edits_done: int) -> dict[str, Any]:
+        from editscale.eval.downstream.suite import summary_row
+
+        t0 = time.perf_counter()
+        results = suite.evaluate(lm.model, lm.tokenizer)
+        return {"edits_done": edits_done, "mode": suite.mode, "tasks": summary_row(results),
+                "seconds": round(time.perf_counter() - t0, 4)}
 
     def _warm_statistics(self, editor: Editor, method_cfg: MethodConfig) -> None:
         # Statistics are taken from the base model too (computed or read from the cache).
@@ -246,6 +271,7 @@ class Runner:
             vals = [r[key] for r in rows if r[key] == r[key]]
             return sum(vals) / len(vals) if vals else float("nan")
 
+        downstream = self.store.rows("downstream")
         return {
             "edits_done": state.edits_done,
             "edits_planned": self.cfg.edits,
@@ -256,6 +282,9 @@ class Runner:
             "paper_forgotten_pct_final": last.get("paper_forgotten_pct", 0.0),
             "prob_forgotten_pct_final": last.get("prob_forgotten_pct", 0.0),
             "control_known_pct_final": last.get("control_known_pct"),
+            "downstream_initial_f1": {k: v["f1"] for k, v in downstream[0]["tasks"].items()} if downstream else {},
+            "downstream_final_f1": {k: v["f1"] for k, v in downstream[-1]["tasks"].items()} if downstream else {},
+            "downstream_final_at": downstream[-1]["edits_done"] if downstream else None,
             "max_drift": max_drift,
             "final_drift": rows[-1]["drift"] if rows else {},
             "seconds_per_edit": total_time / len(rows) if rows else float("nan"),
@@ -291,6 +320,9 @@ class _progress_bar:
             if row.get("status") == "ok":
                 drift = max(d["dist"] for d in row["drift"].values())
                 live = f"ES50 {row['es_w50']:.2f} NS50 {row['ns_w50']:.2f} drift {drift:.2e}"
+                if "downstream" in row:
+                    self.f1 = " F1 " + " ".join(f"{k[:4]} {v['f1']:.2f}" for k, v in row["downstream"]["tasks"].items())
+                live += getattr(self, "f1", "")
             self.bar.update(task, completed=n, rate=f"{rate:.2f} edits/s", live=live)
 
         return update
@@ -302,3 +334,21 @@ class _progress_bar:
 
 def run_summary_yaml(summary: dict[str, Any]) -> str:
     return yaml.safe_dump(summary, sort_keys=False)
+
+
+def load_model_or_run(name_or_dir: str | Path, *, device: str = "cpu") -> tuple[Any, str]:
+    """A model by preset/hub name/directory, or a run directory's model at its latest checkpoint."""
+    from editscale.models.loading import load_model
+
+    path = Path(name_or_dir)
+    if not (path / "config.yaml").exists():
+        return load_model(str(name_or_dir), device=device), str(name_or_dir)
+    cfg = load_config(path / "config.yaml")
+    lm = load_model(cfg.model, device=device, dtype=cfg.dtype)
+    ckpt = RunStore(path).load_checkpoint()
+    if ckpt is None:
+        return lm, f"{path} (no checkpoint yet: the unedited {cfg.model})"
+    weights, state = ckpt
+    for key, w in weights.items():
+        lm.adapter.set_mlp_out_weight(int(key.removeprefix("layer")), w)
+    return lm, f"{path} after {state['edits_done']} edits"

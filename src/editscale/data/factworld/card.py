@@ -17,6 +17,7 @@ from editscale.data.factworld import DEFAULT_N_SUBJECTS, DEFAULT_WORLD_SEED, che
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                     "training.json")
 MAX_CHECKPOINT_MB = 20
+SWEEP_FILE = "rome_sweep.json"  # written by benchmarks/rome_layer_sweep.py --json
 # what the embedded model is required to reach (issue 2); the card says which are met
 FACT_TARGETS = {"rewrite": 0.97, "paraphrase": 0.95, "neighborhood": 0.95, "unseen": 0.85}
 SKILL_F1_TARGET = 0.85
@@ -114,9 +115,27 @@ def write_model_card(model_dir: Path, *, device: str = "cpu") -> Path:
         met = "met" if v["f1"] >= SKILL_F1_TARGET else "**not met**"
         lines.append(f"| {k} | {mirrors.get(k, '')} | {v['f1']:.3f} | {v['accuracy']:.3f} | {v['invalid']} | {met} |")
     lines += ["", "Measured with: " + "; ".join(f"`{c}`" for c in figures["commands"]), ""]
+    lines += _sweep_section(model_dir / SWEEP_FILE)
     path = model_dir / "MODEL_CARD.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _sweep_section(path: Path) -> list[str]:
+    """The measured ROME layer sweep that chose the edit layer of the `embedded` preset."""
+    if not path.exists():
+        return []
+    sweep = json.loads(path.read_text())
+    lines = ["## Editing: which block ROME edits",
+             f"Each of the first {sweep['results'][0]['n']} factworld records edited alone on the unedited model "
+             f"(ROME, preset hyper-parameters with the layer varied; overrides {sweep['overrides'] or 'none'}):", "",
+             "| block | ES | PS | NS | median update / layer norm | cond(C) |", "|---|---|---|---|---|---|"]
+    for r in sweep["results"]:
+        lines.append(f"| {r['layer']} | {r['es']:.3f} | {r['ps']:.3f} | {r['ns']:.3f} | {r['update_rel_median']:.2f} |"
+                     f" {r['mom2_cond']:.1e} |")
+    lines += ["", f"Measured with: `python benchmarks/rome_layer_sweep.py --n {sweep['results'][0]['n']} "
+              f"--json {SWEEP_FILE}`", ""]
+    return lines
 
 
 def _load_state(model_dir: Path) -> dict[str, torch.Tensor]:

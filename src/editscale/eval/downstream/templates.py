@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
 
 
 @dataclass(frozen=True)
@@ -37,36 +41,28 @@ class FewShotFormat:
         return -1
 
 
-SST2_FORMAT = FewShotFormat(
-    name="sst2",
-    query="Review : {sentence}\nSentiment :",
-    marker="Sentiment :",
-    label_words={1: "positive", 0: "negative"},
-    parse_order=(("positive", 1), ("negative", 0)),
-)
-MRPC_FORMAT = FewShotFormat(
-    name="mrpc",
-    query="Are the sentences paraphrases of each other.\nSentence 1: {sentence1}\nSentence 2: {sentence2}\n"
-          "Answer:",
-    marker="Answer:",
-    label_words={1: "Yes", 0: "No"},
-    parse_order=(("Yes", 1), ("No", 0)),
-)
-COLA_FORMAT = FewShotFormat(
-    name="cola",
-    query="Is this sentence linguistically acceptable?\nSentence : {sentence}\nAnswer :",
-    marker="Answer :",
-    label_words={1: "Yes", 0: "No"},
-    parse_order=(("Yes", 1), ("No", 0)),
-)
+def format_from_spec(name: str, spec: Mapping[str, Any]) -> FewShotFormat:
+    """A format from its task-file form: query, marker, label_words, parse_order."""
+    words = list(spec["label_words"].values()) + [w for w, _ in spec["parse_order"]]
+    if any(isinstance(w, bool) for w in words):
+        # YAML 1.1 reads yes/no/true/false unquoted as booleans
+        raise ValueError("a label word was read as a boolean: quote yes/no/true/false in the task file")
+    return FewShotFormat(name=name, query=spec["query"], marker=spec["marker"],
+                         label_words={int(k): str(v) for k, v in spec["label_words"].items()},
+                         parse_order=tuple((str(w), int(y)) for w, y in spec["parse_order"]))
+
+
+def _builtin_format(name: str) -> FewShotFormat:
+    # The paper's strings live once, in the task files (tasks/<name>.yaml), not here as well.
+    doc = yaml.safe_load((Path(__file__).parent / "tasks" / f"{name}.yaml").read_text())
+    return format_from_spec(name, doc["format"])
+
+
+SST2_FORMAT = _builtin_format("sst2")
+MRPC_FORMAT = _builtin_format("mrpc")
+COLA_FORMAT = _builtin_format("cola")
 # The paper's RTE parser tests "False" first, then "True". Which gold label "True" stands for is a
 # property of the task (GLUE RTE's is inverted in the paper's code, spec pitfall 15), not the format.
-RTE_FORMAT = FewShotFormat(
-    name="rte",
-    query="{sentence1}\nquestion: {sentence2} True or False?\nanswer:",
-    marker="answer:",
-    label_words={1: "True", 0: "False"},
-    parse_order=(("False", 0), ("True", 1)),
-)
+RTE_FORMAT = _builtin_format("rte")
 
 FORMATS: dict[str, FewShotFormat] = {f.name: f for f in (SST2_FORMAT, MRPC_FORMAT, COLA_FORMAT, RTE_FORMAT)}

@@ -1,0 +1,232 @@
+"""Few-shot evaluation that runs the shared demonstrations once (exact, not an approximation).
+
+Every prompt of a task starts with the same rendered demonstrations, usually most of its tokens.
+The naive path (``fewshot.evaluate_fewshot``) recomputes them for every example and, in paper
+mode, for every generated token. Here the longest common token prefix is run once (batch 1), its
+key/value cache is shared by every chunk of examples, and only each example's suffix and the
+generated tokens are computed. Each row sees the same tokens at the same positions with the same
+attention as in the naive path, so predictions agree up to float rounding.
+
+Layout of one chunk (b rows, prefix length P, longest suffix S, per-row suffix lengths L_i):
+cache columns [0, P) hold the prefix, [P, P+S) the right-padded suffixes, and each later column
+one generated (or teacher-forced) token for every row. Padding columns are masked out and every
+token gets its true position explicitly (P + L_i + step), so absolute (GPT-2) and rotary
+(GPT-J, Llama) position schemes both see the naive positions.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from editscale.eval.downstream.fewshot import (
+    Example,
+    check_mode,
+    label_targets,
+    logprob_result,
+    pad_token_id,
+    paper_result,
+    prompt_token_ids,
+)
+from editscale.eval.downstream.templates import FewShotFormat
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values of shape [batch, heads, seq, head_dim]
+
+
+@dataclass(frozen=True)
+class PrefixSplit:
+    prompts: list[str]
+    ids: list[list[int]]  # each prompt's full tokenisation, as the naive path feeds it
+    prefix: list[int]  # the longest common token prefix, shortened so every suffix keeps >= 1 token
+
+    @property
+    def prefix_len(self) -> int:
+        return len(self.prefix)
+
+    @property
+    def suffixes(self) -> list[list[int]]:
+        return [row[self.prefix_len:] for row in self.ids]
+
+
+def prefix_split(fmt: FewShotFormat, demos: Sequence[Example], fields_list: Sequence[Mapping[str, str]],
+                 tokenizer: Any) -> PrefixSplit:
+    """Tokenise every prompt as the naive path does and find their common prefix on token ids.
+
+    Working on ids rather than text means a BPE merge across the demo/query boundary can never
+    make the split differ from the naive tokenisation.
+    """
+    if not fields_list:
+        raise ValueError("prefix_split needs at least one example")
+    prompts = [fmt.render_prompt(demos, f) for f in fields_list]
+    ids = prompt_token_ids(tokenizer, prompts)
+    first = ids[0]
+    n = min(len(row) for row in ids) - 1  # the last token of each prompt must stay in its suffix
+    for row in ids[1:]:
+        k = 0
+        while k < n and row[k] == first[k]:
+            k += 1
+        n = k
+    return PrefixSplit(prompts=prompts, ids=ids, prefix=first[:max(n, 0)])
+
+
+def _accepts(model: torch.nn.Module, name: str) -> bool:
+    return name in inspect.signature(model.forward).parameters
+
+
+class _Runner:
+    """Forward passes against a key/value cache, across the transformers API versions we support."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+        # transformers 5 renamed the forward argument `past_key_values` to `cache`.
+        self.cache_arg = "cache" if _accepts(model, "cache") else "past_key_values"
+        self.can_keep = _accepts(model, "logits_to_keep")
+        self.calls = 0
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache,
+                keep: torch.Tensor | int | None = None) -> torch.Tensor:
+        kwargs: dict[str, Any] = {self.cache_arg: cache, "use_cache": True}
+        if keep is not None and self.can_keep:
+            kwargs["logits_to_keep"] = keep
+        self.calls += 1
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs).logits
+        if keep is not None and not self.can_keep:
+            logits = logits[:, -keep:] if isinstance(keep, int) else logits[:, keep]
+        return logits
+
+
+def _cache_kv(cache: DynamicCache) -> KV:
+    if hasattr(cache, "layers"):  # transformers >= 4.56
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache))
+
+
+def _cache_from(kv: KV, batch: int) -> DynamicCache:
+    """A fresh cache holding ``kv`` broadcast to ``batch`` rows.
+
+    The expanded tensors are views; the cache concatenates new keys onto them (a new tensor),
+    so a forward pass on this cache never writes into the shared prefix tensors.
+    """
+    data = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in kv]
+    if hasattr(DynamicCache, "from_legacy_cache"):
+        return DynamicCache.from_legacy_cache(tuple(data))
+    return DynamicCache(data)
+
+
+def _prefix_kv(runner: _Runner, prefix: Sequence[int]) -> KV:
+    ids = torch.tensor([list(prefix)], dtype=torch.long, device=runner.device)
+    cache = DynamicCache()
+    positions = torch.arange(len(prefix), device=runner.device)[None]
+    runner.forward(ids, torch.ones_like(ids), positions, cache, keep=1)  # its logits are never needed
+    return _cache_kv(cache)
+
+
+@dataclass
+class _Chunk:
+    """One batch of suffixes run on top of the prefix cache, with each row's next-token logits."""
+    cache: DynamicCache
+    mask: torch.Tensor  # [b, P + S]: prefix and real suffix tokens 1, padding 0
+    lengths: torch.Tensor  # [b] suffix lengths L_i
+    next_logits: torch.Tensor  # [b, vocab] logits after each row's last real token
+
+
+def _run_suffixes(runner: _Runner, prefix_kv: KV, prefix_len: int, suffixes: Sequence[Sequence[int]],
+                  pad_id: int) -> _Chunk:
+    b, width, device = len(suffixes), max(len(s) for s in suffixes), runner.device
+    ids = torch.full((b, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((b, prefix_len + width), dtype=torch.long)
+    mask[:, :prefix_len] = 1
+    for i, s in enumerate(suffixes):
+        ids[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+        mask[i, prefix_len: prefix_len + len(s)] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    lengths = torch.tensor([len(s) for s in suffixes], device=device)
+    positions = (prefix_len + torch.arange(width, device=device)).expand(b, -1)
+    # Only the logits after each row's last real token are needed: keep just those columns
+    # (a full [b, width, vocab] tensor is large for a 50k vocabulary).
+    last = lengths - 1
+    keep = torch.unique(last)
+    cache = _cache_from(prefix_kv, b)
+    logits = runner.forward(ids, mask, positions, cache, keep=keep)
+    next_logits = logits[torch.arange(b, device=device), torch.searchsorted(keep, last)]
+    return _Chunk(cache=cache, mask=mask, lengths=lengths, next_logits=next_logits)
+
+
+def _greedy(runner: _Runner, chunk: _Chunk, prefix_len: int, gen_len: int) -> list[list[int]]:
+    """Greedy tokens per row; token t of row i sits at position P + L_i + t, padding masked out."""
+    if gen_len <= 0:
+        return [[] for _ in range(len(chunk.lengths))]
+    mask, logits, new = chunk.mask, chunk.next_logits, []
+    for step in range(gen_len):
+        nxt = logits.argmax(dim=-1)
+        new.append(nxt)
+        if step == gen_len - 1:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        positions = (prefix_len + chunk.lengths + step)[:, None]
+        logits = runner.forward(nxt[:, None], mask, positions, chunk.cache)[:, -1]
+    return torch.stack(new, dim=1).tolist()
+
+
+def _label_logprobs(runner: _Runner, chunk: _Chunk, prefix_len: int, targets: Sequence[Mapping[int, list[int]]],
+                    pad_id: int) -> list[dict[int, float]]:
+    """Mean per-token log-prob of each row's label targets, teacher-forced after its suffix."""
+    device, b = runner.device, len(targets)
+    first = torch.log_softmax(chunk.next_logits.float(), dim=-1)
+    suffix_kv = _cache_kv(chunk.cache)  # prefix + suffixes; each label continues from a fresh copy
+    scores: list[dict[int, float]] = [{} for _ in range(b)]
+    for label in sorted(targets[0]):
+        rows = [list(t[label]) for t in targets]
+        extra = max(len(r) for r in rows) - 1  # tokens to feed after the suffix: all but each row's last
+        later = None
+        if extra > 0:
+            ids = torch.full((b, extra), pad_id, dtype=torch.long)
+            fed = torch.zeros((b, extra), dtype=torch.long)
+            for i, r in enumerate(rows):
+                ids[i, : len(r) - 1] = torch.as_tensor(r[:-1], dtype=torch.long)
+                fed[i, : len(r) - 1] = 1
+            mask = torch.cat([chunk.mask, fed.to(device)], dim=1)
+            positions = prefix_len + chunk.lengths[:, None] + torch.arange(extra, device=device)[None]
+            later = torch.log_softmax(runner.forward(ids.to(device), mask, positions,
+                                                     _cache_from(suffix_kv, b)).float(), dim=-1)
+        for i, r in enumerate(rows):
+            lp = [first[i, r[0]]] + [later[i, j - 1, tok] for j, tok in enumerate(r) if j > 0]  # type: ignore[index]
+            scores[i][label] = float(torch.stack(lp).mean())
+    return scores
+
+
+@torch.no_grad()
+def evaluate_fewshot_fast(model: torch.nn.Module, tokenizer: Any, fmt: FewShotFormat,
+                          demos: Sequence[Example], examples: Sequence[Example], *, mode: str = "paper",
+                          batch_size: int = 32, gen_len: int = 3) -> dict[str, Any]:
+    """``evaluate_fewshot`` with the shared prefix computed once; same result dict, plus cost stats.
+
+    Extra keys: ``prefix_len`` (tokens run once), ``mean_suffix_len`` and ``forward_calls``.
+    """
+    check_mode(mode)
+    split = prefix_split(fmt, demos, [f for f, _ in examples], tokenizer)
+    labels = [y for _, y in examples]
+    pad = pad_token_id(tokenizer)
+    runner = _Runner(model)
+    prefix_kv = _prefix_kv(runner, split.prefix) if split.prefix_len else []
+    suffixes = split.suffixes
+    targets = label_targets(tokenizer, fmt, split.prompts, split.ids) if mode == "logprob" else []
+    gens: list[list[int]] = []
+    scores: list[dict[int, float]] = []
+    for start in range(0, len(examples), batch_size):
+        chunk = _run_suffixes(runner, prefix_kv, split.prefix_len, suffixes[start:start + batch_size], pad)
+        if mode == "paper":
+            gens.extend(_greedy(runner, chunk, split.prefix_len, gen_len))
+        else:
+            scores.extend(_label_logprobs(runner, chunk, split.prefix_len, targets[start:start + batch_size], pad))
+    result = (paper_result(tokenizer, fmt, split.prompts, gens, labels) if mode == "paper"
+              else logprob_result(fmt, scores, labels))
+    stats = {"prefix_len": split.prefix_len, "mean_suffix_len": sum(map(len, suffixes)) / max(len(suffixes), 1),
+             "forward_calls": runner.calls}
+    return {**result, **stats}
