@@ -60,7 +60,7 @@ def _setup(model_type: str, key_mode: str = "original"):
     layer = 1
     cfg = RomeConfig(layers=[layer], mom2_dataset="factworld", key_mode=key_mode, v_num_grad_steps=8)
     c = _spd(adapter.d_mlp)
-    ctx = EditContext("tiny", templates=list(TEMPLATES), mom2={layer: c}, progress=False)
+    ctx = EditContext("tiny", templates={"rome": list(TEMPLATES)}, mom2={layer: c}, progress=False)
     return tok, model, adapter, layer, cfg, c, ctx
 
 

@@ -247,12 +247,14 @@ def methods() -> None:
     from editscale.methods.base import get_method, list_methods
 
     t = Table(title="Editing methods")
-    t.add_column("method")
-    t.add_column("presets")
+    for col in ("method", "batch", "layers (embedded)", "presets", "what it does"):
+        t.add_column(col)
     for name in list_methods():
         cls = get_method(name)
         presets = sorted(p.stem for p in cls.presets_dir.glob("*.yaml")) if cls.presets_dir else []
-        t.add_row(name, ", ".join(presets))
+        layers = str(cls.default_config("embedded").layers) if "embedded" in presets else "-"
+        t.add_row(name, "yes" if cls.supports_batch else "no (one at a time)", layers, ", ".join(presets),
+                  cls.summary)
     console.print(t)
 
 

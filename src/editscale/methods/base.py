@@ -95,6 +95,8 @@ class Editor(ABC):
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]]
     presets_dir: ClassVar[Path | None] = None  # folder of <model-slug>.yaml published defaults
+    summary: ClassVar[str] = ""  # one line for `editscale methods`
+    supports_batch: ClassVar[bool] = True  # False: compute() refuses more than one request
 
     def __init__(self, adapter: ModelAdapter, config: MethodConfig, context: Any) -> None:
         for layer in config.layers:
@@ -104,9 +106,20 @@ class Editor(ABC):
         self.config = config
         self.context = context
 
+    def prepare(self) -> None:
+        """Compute what must come from the unedited model (templates, statistics, projections).
+
+        The runner calls this once before any edit and before a resumed run loads its checkpoint.
+        """
+        return None
+
     @abstractmethod
     def compute(self, requests: Sequence[EditRequest]) -> EditResult:
         """Deltas for the requests, as if applied in one go; the model is unchanged on return."""
+
+    def check_batch(self, requests: Sequence[EditRequest]) -> None:
+        if len(requests) > 1 and not self.supports_batch:
+            raise EditscaleError(f"method {self.name} edits one fact at a time; use --batch-size 1")
 
     @classmethod
     def default_config(cls, model_name: str) -> MethodConfig:
@@ -143,7 +156,12 @@ def register(cls: E) -> E:
 
 def _load_builtin_methods() -> None:
     # Importing a method's package registers it; done lazily so `import editscale` stays light.
-    from editscale.methods import rome  # noqa: F401
+    # Every folder of editscale/methods with an __init__.py is a method, except the shared solver.
+    import importlib
+
+    for pkg in sorted(Path(__file__).parent.iterdir()):
+        if pkg.name != "solver" and (pkg / "__init__.py").exists():
+            importlib.import_module(f"editscale.methods.{pkg.name}")
 
 
 def get_method(name: str) -> type[Editor]:

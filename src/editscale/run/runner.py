@@ -123,15 +123,15 @@ class Runner:
         editor_cls = get_method(cfg.method)
         method_cfg: MethodConfig = editor_cls.config_class.parse(cfg.method_config)
         layers = list(method_cfg.layers)
-        templates = self.store.read_json("templates.json")
-        ctx = EditContext(lm.name, seed=cfg.seed, templates=templates,
+        templates = self.store.read_json("templates.json") or {}
+        ctx = EditContext(lm.name, seed=cfg.seed, templates=dict(templates),
                           stats_cache_dir=Path(cfg.stats_cache) if cfg.stats_cache else None, progress=self.progress)
         editor: Editor = editor_cls(adapter, method_cfg, ctx)
 
         # Everything taken from the base model happens before a checkpoint is loaded.
-        if templates is None and hasattr(method_cfg, "context_template_length_params"):
-            templates = ctx.context_templates(adapter, method_cfg.context_template_length_params)
-            self.store.write_json("templates.json", templates)
+        editor.prepare()
+        if ctx.templates and ctx.templates != templates:
+            self.store.write_json("templates.json", ctx.templates)
         original = {layer: adapter.get_mlp_out_weight(layer).detach().float().cpu().clone() for layer in layers}
         tracker = ForgettingTracker()
         control_ids = self.store.read_json("control.json")
@@ -141,7 +141,6 @@ class Runner:
             self.store.write_json("control.json", [r.case_id for r in tracker.control])
         else:
             tracker.control = [by_id[c] for c in control_ids]
-        self._warm_statistics(editor, method_cfg)
         suite = self._downstream_suite(cfg, lm.name)
         if suite is not None and not any(r["edits_done"] == 0 for r in self.store.iter_rows("downstream")):
             self.store.append("downstream", self._downstream_row(suite, lm, 0))  # the unedited model
@@ -204,14 +203,6 @@ class Runner:
         results = suite.evaluate(lm.model, lm.tokenizer)
         return {"edits_done": edits_done, "mode": suite.mode, "tasks": summary_row(results),
                 "seconds": round(time.perf_counter() - t0, 4)}
-
-    def _warm_statistics(self, editor: Editor, method_cfg: MethodConfig) -> None:
-        # Statistics are taken from the base model too (computed or read from the cache).
-        if getattr(method_cfg, "mom2_adjustment", False):
-            for layer in method_cfg.layers:
-                editor.context.second_moment(editor.adapter, layer, corpus=method_cfg.mom2_dataset,  # type: ignore[attr-defined]
-                                             n_samples=method_cfg.mom2_n_samples,  # type: ignore[attr-defined]
-                                             dtype=method_cfg.mom2_dtype)  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------------ one edit
 

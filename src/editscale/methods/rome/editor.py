@@ -28,6 +28,16 @@ class RomeEditor(Editor):
     config: RomeConfig
     context: EditContext
 
+    summary = "rank-one update of one MLP-output matrix (Meng et al. 2022), as the paper's code computes it"
+
+    def prepare(self) -> None:
+        cfg = self.config
+        self.context.context_templates(self.adapter, cfg.context_template_length_params)
+        if cfg.mom2_adjustment:
+            for layer in cfg.layers:
+                self.context.second_moment(self.adapter, layer, corpus=cfg.mom2_dataset,
+                                           n_samples=cfg.mom2_n_samples, dtype=cfg.mom2_dtype)
+
     def compute(self, requests: Sequence[EditRequest]) -> EditResult:
         layer = self.config.layers[0]
         total = torch.zeros(self.adapter.d_model, self.adapter.d_mlp, dtype=torch.float32)

@@ -8,7 +8,7 @@ factorisations of C are cached on the object, so a second run in the same proces
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +23,8 @@ from editscale.models.adapter import ModelAdapter
 class EditContext:
     model_name: str  # the base model's id: statistics are cached under it
     seed: int = 0
-    templates: list[str] | None = None  # None: generated from the model on first use, seeded
+    # context templates by kind ("rome", "memit"); a missing kind is generated on first use, seeded
+    templates: dict[str, list[str]] = field(default_factory=dict)
     mom2: dict[int, torch.Tensor] = field(default_factory=dict)  # explicit C per layer
     stats_cache_dir: Path | None = None
     progress: bool = True
@@ -32,10 +33,14 @@ class EditContext:
 
     def context_templates(self, adapter: ModelAdapter,
                           length_params: Sequence[Sequence[int]] = DEFAULT_LENGTH_PARAMS) -> list[str]:
-        # Generated once and then fixed: call this on the unedited model (the runner does).
-        if self.templates is None:
-            self.templates = generate_context_templates(adapter, length_params, seed=self.seed)
-        return self.templates
+        """ROME's templates (spec §2.2)."""
+        return self.template_set("rome", lambda: generate_context_templates(adapter, length_params, seed=self.seed))
+
+    def template_set(self, kind: str, make: Callable[[], list[str]]) -> list[str]:
+        # Generated once and then fixed: the runner calls Editor.prepare() on the unedited model.
+        if kind not in self.templates:
+            self.templates[kind] = make()
+        return self.templates[kind]
 
     def second_moment(self, adapter: ModelAdapter, layer: int, *, corpus: str, n_samples: int,
                       dtype: str) -> torch.Tensor:
