@@ -120,6 +120,20 @@ def test_kill_and_resume_gives_identical_results(tmp_path: Path, stats_cache: Pa
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
 
 
+def test_batches_of_facts(tmp_path: Path, stats_cache: Path) -> None:
+    cfg = fast_config(edits=8, batch_size=3, stats_cache=str(stats_cache))
+    summary = Runner(cfg, tmp_path / "b", progress=False, log=lambda s: None).run()
+    store = RunStore(tmp_path / "b")
+    rows = store.rows("edits")
+    assert [r["index"] for r in rows] == list(range(8))
+    assert [r["batch"] for r in rows] == [0, 0, 0, 1, 1, 1, 2, 2]
+    assert rows[0]["drift"] == rows[2]["drift"] and rows[0]["timings"]["batch_size"] == 3
+    # checkpoints fire when a batch crosses a multiple of the interval
+    assert [r["edits_done"] for r in store.rows("forgetting")] == [3, 6, 8]
+    assert [r["edits_done"] for r in store.rows("downstream")] == [0, 6, 8]
+    assert summary["edits_done"] == 8 and summary["mean_es"] > 0.3
+
+
 def test_nan_update_is_caught(tmp_path: Path, stats_cache: Path, monkeypatch) -> None:
     from editscale.methods.rome.editor import RomeEditor
 

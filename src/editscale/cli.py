@@ -178,7 +178,8 @@ def run(
     data_path: Annotated[Path | None, typer.Option(help="Local dataset file (counterfact: else the URL).")] = None,
     sample: Annotated[int, typer.Option(help="Which shuffle of the unique subjects to edit in order.")] = 0,
     sample_file: Annotated[Path | None, typer.Option(help="A sample-index file, e.g. the paper's.")] = None,
-    edits: Annotated[int, typer.Option(help="Number of sequential edits.")] = 100,
+    edits: Annotated[int, typer.Option(help="Number of facts to edit.")] = 100,
+    batch_size: Annotated[int, typer.Option(help="Facts per edit (a sequence of batches when > 1).")] = 1,
     eval_every: Annotated[int, typer.Option(help="Forgetting checkpoint every K edits.")] = 10,
     checkpoint_every: Annotated[int, typer.Option(help="Save the edited layers every C edits.")] = 50,
     forgetting: Annotated[str, typer.Option(help="Headline criterion: paper (greedy, sticky) or probability.")]
@@ -207,6 +208,7 @@ def run(
     cfg = RunConfig.parse({
         "model": model, "method": method, "dataset": dataset, "data_path": str(data_path) if data_path else None,
         "sample": sample, "sample_file": str(sample_file) if sample_file else None, "edits": edits,
+        "batch_size": batch_size,
         "eval_every": eval_every, "checkpoint_every": checkpoint_every, "forgetting": forgetting,
         "control": control, "on_nonfinite": on_nonfinite, "seed": seed,
         "downstream": _task_list(downstream), "downstream_every": downstream_every,

@@ -23,6 +23,7 @@ class RunConfig(BaseModel):
     sample: int = Field(0, ge=0, description="which of the paper-style shuffles of the unique subjects to edit")
     sample_file: str | None = Field(None, description="a sample-index file such as the paper's; else built")
     edits: int = Field(100, ge=1)
+    batch_size: int = Field(1, ge=1, description="facts per edit call; a run is a sequence of batches")
     eval_every: int = Field(10, ge=1, description="forgetting checkpoint interval, in edits")
     checkpoint_every: int = Field(50, ge=1, description="edited-layer checkpoint interval, in edits")
     forgetting: Literal["paper", "probability"] = "paper"  # which criterion summary.json headlines

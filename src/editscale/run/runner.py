@@ -151,6 +151,9 @@ class Runner:
             weights, saved = ckpt
             for layer in layers:
                 adapter.set_mlp_out_weight(layer, weights[f"layer{layer}"])
+            editor_state = {k.removeprefix("editor."): v for k, v in weights.items() if k.startswith("editor.")}
+            if editor_state:
+                editor.load_state_dict(editor_state)  # type: ignore[attr-defined]
             state = RunState(saved["edits_done"], saved["history"], saved.get("skipped", []))
             tracker.load_state_dict(saved["tracker"], by_id)
             self.log(f"resuming {self.store.root} after edit {state.edits_done}")
@@ -165,23 +168,29 @@ class Runner:
         with _progress_bar(self.progress, cfg.edits, state.edits_done) as bar:
             while state.edits_done < cfg.edits:
                 i = state.edits_done
-                record = edits[i]
-                row = self._edit_one(editor, adapter, record, i, original, state, tracker)
-                self.store.append("edits", row)
-                if row["status"] == "nonfinite" and cfg.on_nonfinite == "stop":
-                    self.log(f"edit {i} (case {record.case_id}) gave a non-finite update; stopping "
-                             "(--on-nonfinite skip would skip it)")
+                batch = edits[i:min(i + cfg.batch_size, cfg.edits)]
+                rows = self._edit_batch(editor, adapter, batch, i, original, state, tracker)
+                for row in rows:
+                    self.store.append("edits", row)
+                if rows[0]["status"] == "nonfinite" and cfg.on_nonfinite == "stop":
+                    self.log(f"edit {i} (case {batch[0].case_id}{' and its batch' if len(batch) > 1 else ''}) "
+                             "gave a non-finite update; stopping (--on-nonfinite skip would skip it)")
                     break
-                state.edits_done = i + 1
-                if state.edits_done % cfg.eval_every == 0 or state.edits_done == cfg.edits:
+                before, state.edits_done = i, i + len(batch)
+                row = rows[-1]
+
+                def due(every: int, _before: int = before) -> bool:
+                    # crossing a multiple of `every`, so batch sizes need not divide the intervals
+                    return state.edits_done // every > _before // every or state.edits_done == cfg.edits
+
+                if due(cfg.eval_every):
                     self.store.append("forgetting", tracker.check(adapter, state.edits_done))
-                if suite is not None and (state.edits_done % cfg.downstream_every == 0
-                                          or state.edits_done == cfg.edits):
+                if suite is not None and due(cfg.downstream_every):
                     drow = self._downstream_row(suite, lm, state.edits_done)
                     self.store.append("downstream", drow)
                     row = {**row, "downstream": drow}
-                if state.edits_done % cfg.checkpoint_every == 0 or state.edits_done == cfg.edits:
-                    self._checkpoint(adapter, layers, state, tracker)
+                if due(cfg.checkpoint_every):
+                    self._checkpoint(adapter, layers, state, tracker, editor)
                 bar(state.edits_done, row)
         elapsed = time.perf_counter() - t_start
         summary = self._summary(state, elapsed, state.edits_done - done_before)
@@ -206,47 +215,62 @@ class Runner:
 
     # ------------------------------------------------------------------ one edit
 
-    def _edit_one(self, editor: Editor, adapter: Any, record: EditRecord, index: int,
-                  original: dict[int, torch.Tensor], state: RunState, tracker: ForgettingTracker) -> dict[str, Any]:
+    def _edit_batch(self, editor: Editor, adapter: Any, records: list[EditRecord], first_index: int,
+                    original: dict[int, torch.Tensor], state: RunState, tracker: ForgettingTracker
+                    ) -> list[dict[str, Any]]:
+        """Edit the records together (one request each), score each, return one row per record."""
         t0 = time.perf_counter()
-        result = editor.compute([EditRequest.from_record(record)])
+        requests = [EditRequest.from_record(r) for r in records]
+        editor.check_batch(requests)
+        result = editor.compute(requests)
         t1 = time.perf_counter()
-        row: dict[str, Any] = {"index": index, "case_id": record.case_id, "subject": record.subject,
-                               "target_new": record.target_new, "target_true": record.target_true}
+        rows: list[dict[str, Any]] = [
+            {"index": first_index + k, "batch": first_index // self.cfg.batch_size, "case_id": r.case_id,
+             "subject": r.subject, "target_new": r.target_new, "target_true": r.target_true}
+            for k, r in enumerate(records)]
         bad = [layer for layer, d in result.deltas.items() if not torch.isfinite(d).all()]
         scores = None
         if not bad:
             apply_deltas(adapter, result.deltas)
-            scores = edit_scores(adapter, [record])[0]
-            if not (math.isfinite(scores.nll_new) and math.isfinite(scores.nll_true)):
+            scores = edit_scores(adapter, records)
+            if not all(math.isfinite(s.nll_new) and math.isfinite(s.nll_true) for s in scores):
                 apply_deltas(adapter, result.deltas, sign=-1.0)  # the logits went non-finite: undo
                 bad = list(result.deltas)
                 scores = None
         t2 = time.perf_counter()
         if scores is None:
-            state.skipped.append(index)
-            row.update(status="nonfinite", bad_layers=bad, diagnostics=_clean(result.diagnostics))
-            return row
-        h = state.history
-        h["es"].append(scores.es)
-        h["ps"].append(scores.ps)
-        h["ns"].append(scores.ns)
-        tracker.add(record, greedy_success=scores.rewrite_correct, es_success=scores.es == 1.0)
-        row.update(status="ok", **scores.as_row())
-        for w in WINDOWS:
-            for k in ("es", "ps", "ns"):
-                row[f"{k}_w{w}"] = window_means(h[k], w)
-        drift = {str(layer): layer_drift(original[layer], adapter.get_mlp_out_weight(layer))
-                 for layer in original}
+            state.skipped.extend(r["index"] for r in rows)
+            for row in rows:
+                row.update(status="nonfinite", bad_layers=bad, diagnostics=_clean(result.diagnostics))
+            return rows
+        after_apply = getattr(editor, "after_apply", None)
+        if after_apply is not None:
+            after_apply(requests, result)  # e.g. AlphaEdit's record of the keys it must now preserve
+        drift = {str(layer): layer_drift(original[layer], adapter.get_mlp_out_weight(layer)) for layer in original}
         t3 = time.perf_counter()
-        row["drift"] = drift
-        row["diagnostics"] = _clean(result.diagnostics)
-        row["timings"] = {**{k: round(v, 5) for k, v in result.timings.items()}, "edit": round(t1 - t0, 5),
-                          "eval": round(t2 - t1, 5), "drift": round(t3 - t2, 5), "total": round(t3 - t0, 5)}
-        return row
+        timings = {**{k: round(v, 5) for k, v in result.timings.items()}, "edit": round(t1 - t0, 5),
+                   "eval": round(t2 - t1, 5), "drift": round(t3 - t2, 5), "total": round(t3 - t0, 5),
+                   "batch_size": len(records)}
+        h = state.history
+        for record, row, sc in zip(records, rows, scores):
+            h["es"].append(sc.es)
+            h["ps"].append(sc.ps)
+            h["ns"].append(sc.ns)
+            tracker.add(record, greedy_success=sc.rewrite_correct, es_success=sc.es == 1.0)
+            row.update(status="ok", **sc.as_row())
+            for w in WINDOWS:
+                for k in ("es", "ps", "ns"):
+                    row[f"{k}_w{w}"] = window_means(h[k], w)
+            # drift, diagnostics and timings belong to the batch: every row of it carries them
+            row.update(drift=drift, diagnostics=_clean(result.diagnostics), timings=timings)
+        return rows
 
-    def _checkpoint(self, adapter: Any, layers: list[int], state: RunState, tracker: ForgettingTracker) -> None:
+    def _checkpoint(self, adapter: Any, layers: list[int], state: RunState, tracker: ForgettingTracker,
+                    editor: Editor) -> None:
         weights = {f"layer{layer}": adapter.get_mlp_out_weight(layer).float() for layer in layers}
+        # a method's own state (AlphaEdit's preserved keys) travels with the weights
+        state_dict = getattr(editor, "state_dict", None)
+        weights.update({f"editor.{k}": v for k, v in (state_dict() if state_dict else {}).items()})
         self.store.save_checkpoint(weights, {"edits_done": state.edits_done, "history": state.history,
                                              "skipped": state.skipped, "tracker": tracker.state_dict()})
 
@@ -341,5 +365,6 @@ def load_model_or_run(name_or_dir: str | Path, *, device: str = "cpu") -> tuple[
         return lm, f"{path} (no checkpoint yet: the unedited {cfg.model})"
     weights, state = ckpt
     for key, w in weights.items():
-        lm.adapter.set_mlp_out_weight(int(key.removeprefix("layer")), w)
+        if key.startswith("layer"):
+            lm.adapter.set_mlp_out_weight(int(key.removeprefix("layer")), w)
     return lm, f"{path} after {state['edits_done']} edits"
