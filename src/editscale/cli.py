@@ -244,6 +244,21 @@ def _print_run(out: Path, summary: dict[str, Any]) -> None:
 
 
 @app.command()
+def compare(runs: Annotated[list[Path], typer.Argument(help="Run directories.")],
+            as_json: JsonOpt = False) -> None:
+    """One table over runs: ES/PS/NS, forgetting, final F1 per task, max drift, where a collapse is detected."""
+    from editscale.report.tables import comparison_rows, comparison_table
+
+    for d in runs:
+        if not (d / "config.yaml").exists():
+            raise EditscaleError(f"{d} holds no run (no config.yaml)")
+    if as_json:
+        _emit_json(comparison_rows(list(runs)))
+        return
+    console.print(comparison_table(list(runs)))
+
+
+@app.command()
 def methods() -> None:
     """List the editing methods and the models they ship hyper-parameters for."""
     from editscale.methods.base import get_method, list_methods

@@ -47,3 +47,43 @@ def run_table(out: Path | str, n_rows: int = 12) -> Table:
                   f"{r['paper_forgotten_pct']:.0f}%", f"{r['prob_forgotten_pct']:.0f}%", control,
                   f"{r['drift']:.2e}", f"{r['drift_rel']:.2f}")
     return t
+
+
+def comparison_rows(dirs: list[Path | str]) -> list[dict[str, Any]]:
+    """One row per run directory: what the runs did, side by side (methods, samples, models)."""
+    from editscale.analysis.phases import find_phases
+    from editscale.run.config import load_config
+
+    out = []
+    for d in dirs:
+        store = RunStore(d)
+        summary = store.read_json("summary.json") or {}
+        cfg = load_config(Path(d) / "config.yaml")
+        phases = find_phases(store.rows("edits"), store.rows("forgetting"))
+        out.append({"run": str(d), "method": cfg.method, "batch": cfg.batch_size,
+                    "edits": summary.get("edits_done"), "mean_es": summary.get("mean_es"),
+                    "mean_ps": summary.get("mean_ps"), "mean_ns": summary.get("mean_ns"),
+                    "forgotten_paper": summary.get("paper_forgotten_pct_final"),
+                    "forgotten_prob": summary.get("prob_forgotten_pct_final"),
+                    "f1": summary.get("downstream_final_f1") or {}, "max_drift": summary.get("max_drift"),
+                    "collapse": phases.collapse_index})
+    return out
+
+
+def comparison_table(dirs: list[Path | str]) -> Table:
+    rows = comparison_rows(dirs)
+    tasks = sorted({t for r in rows for t in r["f1"]})
+    t = Table(title="Runs compared")
+    for col in ("run", "method", "B", "edits", "ES", "PS", "NS", "forgot paper", "forgot prob",
+                *[f"F1 {x}" for x in tasks], "max drift", "collapse at"):
+        t.add_column(col, justify="right")
+
+    def f(x: Any, fmt: str) -> str:
+        return "-" if x is None else format(x, fmt)
+
+    for r in rows:
+        t.add_row(Path(r["run"]).name, r["method"], str(r["batch"]), f(r["edits"], "d"), f(r["mean_es"], ".2f"),
+                  f(r["mean_ps"], ".2f"), f(r["mean_ns"], ".2f"), f(r["forgotten_paper"], ".0f") + "%",
+                  f(r["forgotten_prob"], ".0f") + "%", *[f(r["f1"].get(x), ".2f") for x in tasks],
+                  f(r["max_drift"], ".2e"), "none" if r["collapse"] is None else str(r["collapse"]))
+    return t
