@@ -109,7 +109,7 @@ def skills(model: ModelOpt = "embedded",
 
 @app.command()
 def demo(
-    edits: Annotated[int, typer.Option(help="Sequential ROME edits to make.")] = 300,
+    edits: Annotated[int, typer.Option(help="Sequential ROME edits to make.")] = 250,
     out: Annotated[Path, typer.Option(help="Run directory (an unfinished demo there is resumed).")] = Path(
         "editscale-demo"),
     device: DeviceOpt = "cpu",
@@ -118,11 +118,12 @@ def demo(
     from editscale.run.config import RunConfig
     from editscale.run.runner import Runner, resolve_method_config
 
-    cfg = resolve_method_config(RunConfig(edits=edits, eval_every=10, checkpoint_every=50, device=device),
-                                "embedded")
+    cfg = resolve_method_config(RunConfig(edits=edits, eval_every=10, checkpoint_every=50, downstream_every=25,
+                                          device=device), "embedded")
     console.print(f"[bold]editscale demo[/bold]: {edits} sequential ROME edits of the embedded model "
                   f"(a 6-block GPT-2 trained on an invented fact world), block {cfg.method_config['layers'][0]}; "
-                  "ES/PS/NS after every edit, forgetting and control facts every 10 edits")
+                  "ES/PS/NS after every edit, forgetting and control facts every 10 edits, its four few-shot "
+                  "skills every 25")
     summary = Runner(cfg, out, progress=True, log=console.print).run()
     _print_examples(out)
     _print_run(out, summary)
@@ -240,7 +241,11 @@ def _print_run(out: Path, summary: dict[str, Any]) -> None:
     console.print(f"mean ES {summary['mean_es']:.3f}  PS {summary['mean_ps']:.3f}  NS {summary['mean_ns']:.3f}  "
                   f"forgotten {summary['forgotten_pct_final']:.1f}% ({summary['forgetting_mode']})  "
                   f"max drift {summary['max_drift']:.3e}  {summary['seconds_per_edit']:.2f} s/edit")
-    console.print(f"files: {out}/edits.jsonl, forgetting.jsonl, summary.json, config.yaml")
+    if summary.get("downstream_initial_f1"):
+        f1 = "  ".join(f"{k} {v:.2f} -> {summary['downstream_final_f1'][k]:.2f}"
+                       for k, v in summary["downstream_initial_f1"].items())
+        console.print(f"few-shot F1, before -> after {summary['downstream_final_at']} edits: {f1}")
+    console.print(f"files: {out}/edits.jsonl, forgetting.jsonl, downstream.jsonl, summary.json, config.yaml")
 
 
 @app.command()

@@ -15,6 +15,7 @@ def interval_rows(out: Path | str, n_rows: int = 12) -> list[dict[str, Any]]:
     store = RunStore(out)
     edits = {r["index"]: r for r in store.iter_rows("edits") if r["status"] == "ok"}
     checks = store.rows("forgetting")
+    downstream = store.rows("downstream")
     if not checks:
         return []
     step = max(1, len(checks) // n_rows)
@@ -26,7 +27,9 @@ def interval_rows(out: Path | str, n_rows: int = 12) -> list[dict[str, Any]]:
         e = edits.get(c["edits_done"] - 1)
         if e is None:
             continue
-        out_rows.append({"edits": c["edits_done"], "es_w50": e["es_w50"], "ps_w50": e["ps_w50"],
+        latest = [d for d in downstream if d["edits_done"] <= c["edits_done"]]
+        f1 = {k: v["f1"] for k, v in latest[-1]["tasks"].items()} if latest else {}
+        out_rows.append({"edits": c["edits_done"], "f1": f1, "es_w50": e["es_w50"], "ps_w50": e["ps_w50"],
                          "ns_w50": e["ns_w50"], "paper_forgotten_pct": c["paper_forgotten_pct"],
                          "prob_forgotten_pct": c["prob_forgotten_pct"],
                          "control_known_pct": c.get("control_known_pct"),
@@ -39,13 +42,18 @@ def run_table(out: Path | str, n_rows: int = 12) -> Table:
     t = Table(title=f"{out}: ES/PS/NS over the last 50 edits, forgetting, drift")
     # forgot: % of successful earlier edits lost (paper: greedy, sticky; prob: ES re-tested);
     # control: never-edited facts still known; drift: ||dW||/numel; rel: ||dW||/||W0||
+    rows = interval_rows(out, n_rows)
+    tasks = list(rows[-1]["f1"]) if rows and rows[-1]["f1"] else []
     for col in ("edits", "ES", "PS", "NS", "forgot paper", "forgot prob", "control", "drift", "rel"):
         t.add_column(col, justify="right")
-    for r in interval_rows(out, n_rows):
+    if tasks:
+        t.add_column("F1 " + "/".join(x[:4] for x in tasks), justify="right")
+    for r in rows:
         control = "-" if r["control_known_pct"] is None else f"{r['control_known_pct']:.0f}%"
         t.add_row(str(r["edits"]), f"{r['es_w50']:.2f}", f"{r['ps_w50']:.2f}", f"{r['ns_w50']:.2f}",
                   f"{r['paper_forgotten_pct']:.0f}%", f"{r['prob_forgotten_pct']:.0f}%", control,
-                  f"{r['drift']:.2e}", f"{r['drift_rel']:.2f}")
+                  f"{r['drift']:.2e}", f"{r['drift_rel']:.2f}",
+                  *(["/".join(f"{r['f1'].get(x, float('nan')):.2f}" for x in tasks)] if tasks else []))
     return t
 
 
