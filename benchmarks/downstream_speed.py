@@ -12,6 +12,7 @@ per skill task, the seconds of each path, their ratio and whether F1s, predictio
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,9 @@ from editscale.eval.downstream.fast import evaluate_fewshot_fast
 from editscale.eval.downstream.fewshot import evaluate_fewshot
 from editscale.models.loading import load_model
 
-GPT2_TOKENIZER_DIR = Path("/work/shared/data/tokenizers/gpt2")
+# the shared data folder: $EDITSCALE_SHARED, else ../shared next to the repository
+SHARED_DIR = Path(os.environ.get("EDITSCALE_SHARED") or Path(__file__).resolve().parents[1].parent / "shared")
+GPT2_TOKENIZER_DIR = SHARED_DIR / "data/tokenizers/gpt2"
 
 
 def compare(label: str, model: torch.nn.Module, tokenizer: Any, n: int, batch_size: int) -> None:

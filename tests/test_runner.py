@@ -180,3 +180,31 @@ def test_bad_inputs_get_clear_errors(tmp_path: Path, stats_cache: Path) -> None:
         Runner(fast_config(edits=2), tmp_path / "e", progress=False).run()
     with pytest.raises(EditscaleError, match="holds no run"):
         Runner.resume(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("method, batch, overrides", [
+    ("r-rome", 1, {"v_num_grad_steps": 4, "context_template_length_params": [[5, 2]], "mom2_n_samples": 300}),
+    ("memit", 2, {"v_num_grad_steps": 4, "mom2_n_samples": 300}),
+    ("emmet", 2, {"v_num_grad_steps": 4, "mom2_n_samples": 300}),
+    ("alphaedit", 2, {"v_num_grad_steps": 4, "mom2_n_samples": 300}),
+    ("ft-c", 2, {"num_steps": 3}),
+])
+def test_every_method_runs_in_the_runner(tmp_path: Path, stats_cache: Path, method: str, batch: int,
+                                          overrides: dict) -> None:
+    from editscale.run.runner import resolve_method_config
+
+    cfg = RunConfig(method=method, edits=4, batch_size=batch, eval_every=2, checkpoint_every=2, control=5,
+                    downstream=[], stats_cache=str(stats_cache))
+    cfg = resolve_method_config(cfg, "embedded", overrides=overrides)
+    summary = Runner(cfg, tmp_path / method, progress=False, log=lambda s: None).run()
+    rows = RunStore(tmp_path / method).rows("edits")
+    assert [r["status"] for r in rows] == ["ok"] * 4 and summary["edits_done"] == 4
+    weights = load_file(str(tmp_path / method / "checkpoint/weights.safetensors"))
+    if method == "ft-c":  # FT-C trains the bias too, and the checkpoint keeps it
+        from editscale.models.loading import load_model
+
+        layer = cfg.method_config["layers"][0]
+        base = load_model("embedded").adapter.module("mlp_out", layer).bias
+        assert not torch.equal(weights[f"bias{layer}"], base.detach())
+    if method == "alphaedit":  # the preserved keys travel with the checkpoint
+        assert any(k.startswith("editor.cache_c") for k in weights)

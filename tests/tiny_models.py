@@ -6,6 +6,7 @@ so the tests need neither the hub nor /work/shared (the real GPT-2 vocabulary is
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,9 @@ from transformers import (
     Qwen2Config,
 )
 
-GPT2_TOKENIZER_DIR = Path("/work/shared/data/tokenizers/gpt2")
+# the shared data folder: $EDITSCALE_SHARED, else ../shared next to the repository
+SHARED_DIR = Path(os.environ.get("EDITSCALE_SHARED") or Path(__file__).resolve().parents[1].parent / "shared")
+GPT2_TOKENIZER_DIR = SHARED_DIR / "data/tokenizers/gpt2"
 
 SUBJECTS = ["Paris", "Danielle Darrieux", "Toko Yasuda", "Autonomous University of Madrid", "Apple A5",
             "Edwin of Northumbria", "the Big Apple", "New York", "Thomas Joannes Stieltjes", "BBC One"]

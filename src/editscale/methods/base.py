@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -50,6 +50,11 @@ class EditResult:
     deltas: dict[int, torch.Tensor]  # layer -> canonical [d_model, d_mlp] fp32 delta
     diagnostics: dict[str, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
+    # layer -> [d_model] fp32 delta of the MLP-output bias (FT-C trains it; closed-form methods never do)
+    bias_deltas: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def all_finite(self) -> bool:
+        return all(bool(torch.isfinite(d).all()) for d in (*self.deltas.values(), *self.bias_deltas.values()))
 
 
 class MethodConfig(BaseModel):
@@ -117,6 +122,25 @@ class Editor(ABC):
     def compute(self, requests: Sequence[EditRequest]) -> EditResult:
         """Deltas for the requests, as if applied in one go; the model is unchanged on return."""
 
+    def after_apply(self, requests: Sequence[EditRequest], result: EditResult) -> None:
+        """Called by the runner right after it has added `result.deltas` (from `compute(requests)`)
+        to the model, for methods that remember something about the edited model between batches
+        (AlphaEdit accumulates the applied keys). The model must be left as it is. Default: nothing.
+        """
+        return None
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """State that must survive a resume besides the weights (saved with the run's checkpoint).
+
+        Empty for stateless methods. Tensors only, so the runner can store them with safetensors.
+        """
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore `state_dict()` output; called after `prepare()` when a run resumes."""
+        if state:
+            raise EditscaleError(f"method {self.name} keeps no state, but was given {', '.join(sorted(state))}")
+
     def check_batch(self, requests: Sequence[EditRequest]) -> None:
         if len(requests) > 1 and not self.supports_batch:
             raise EditscaleError(f"method {self.name} edits one fact at a time; use --batch-size 1")
@@ -140,6 +164,22 @@ def apply_deltas(adapter: ModelAdapter, deltas: dict[int, torch.Tensor], *, sign
     """Add (sign=+1) or remove (sign=-1) canonical deltas to the live MLP-output weights."""
     for layer, delta in deltas.items():
         adapter.add_to_mlp_out_weight(layer, sign * delta)
+
+
+def apply_bias_deltas(adapter: ModelAdapter, bias_deltas: dict[int, torch.Tensor], *, sign: float = 1.0) -> None:
+    """Add (sign=+1) or remove (sign=-1) bias deltas of the MLP-output projections, summed in fp32."""
+    for layer, delta in bias_deltas.items():
+        bias = adapter.module("mlp_out", layer).bias
+        if bias is None:
+            raise EditscaleError(f"layer {layer}'s MLP output projection has no bias to apply a delta to")
+        with torch.no_grad():
+            bias.copy_((bias.float() + sign * delta.to(device=bias.device, dtype=torch.float32)).to(bias.dtype))
+
+
+def apply_result(adapter: ModelAdapter, result: EditResult, *, sign: float = 1.0) -> None:
+    """Write (sign=+1) or remove (sign=-1) everything an edit changes: weights and biases."""
+    apply_deltas(adapter, result.deltas, sign=sign)
+    apply_bias_deltas(adapter, result.bias_deltas, sign=sign)
 
 
 _METHODS: dict[str, type[Editor]] = {}

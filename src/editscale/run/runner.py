@@ -24,7 +24,7 @@ from editscale.errors import EditscaleError
 from editscale.eval.drift import layer_drift
 from editscale.eval.forgetting import ForgettingTracker, select_control
 from editscale.eval.proficiency import edit_scores, window_means
-from editscale.methods.base import Editor, EditRequest, MethodConfig, apply_deltas, get_method
+from editscale.methods.base import Editor, EditRequest, MethodConfig, apply_result, get_method
 from editscale.methods.solver.context import EditContext
 from editscale.run.config import RunConfig, dump_config, load_config
 from editscale.run.store import RunStore
@@ -151,6 +151,10 @@ class Runner:
             weights, saved = ckpt
             for layer in layers:
                 adapter.set_mlp_out_weight(layer, weights[f"layer{layer}"])
+                if f"bias{layer}" in weights:
+                    with torch.no_grad():
+                        bias = adapter.module("mlp_out", layer).bias
+                        bias.copy_(weights[f"bias{layer}"].to(bias.dtype))
             editor_state = {k.removeprefix("editor."): v for k, v in weights.items() if k.startswith("editor.")}
             if editor_state:
                 editor.load_state_dict(editor_state)  # type: ignore[attr-defined]
@@ -228,14 +232,16 @@ class Runner:
             {"index": first_index + k, "batch": first_index // self.cfg.batch_size, "case_id": r.case_id,
              "subject": r.subject, "target_new": r.target_new, "target_true": r.target_true}
             for k, r in enumerate(records)]
-        bad = [layer for layer, d in result.deltas.items() if not torch.isfinite(d).all()]
+        bad = [layer for layer, d in (*result.deltas.items(), *result.bias_deltas.items())
+               if not torch.isfinite(d).all()]
         scores = None
         if not bad:
-            apply_deltas(adapter, result.deltas)
+            saved = self._edited_params(adapter, result)
+            apply_result(adapter, result)
             scores = edit_scores(adapter, records)
             if not all(math.isfinite(s.nll_new) and math.isfinite(s.nll_true) for s in scores):
-                apply_deltas(adapter, result.deltas, sign=-1.0)  # the logits went non-finite: undo
-                bad = list(result.deltas)
+                self._restore_params(adapter, saved)  # the logits went non-finite: undo exactly
+                bad = sorted(set(result.deltas) | set(result.bias_deltas))
                 scores = None
         t2 = time.perf_counter()
         if scores is None:
@@ -265,9 +271,28 @@ class Runner:
             row.update(drift=drift, diagnostics=_clean(result.diagnostics), timings=timings)
         return rows
 
+    @staticmethod
+    def _edited_params(adapter: Any, result: Any) -> dict[tuple[str, int], torch.Tensor]:
+        saved = {("w", layer): adapter.get_mlp_out_weight(layer).detach().clone() for layer in result.deltas}
+        saved.update({("b", layer): adapter.module("mlp_out", layer).bias.detach().clone()
+                      for layer in result.bias_deltas})
+        return saved
+
+    @staticmethod
+    def _restore_params(adapter: Any, saved: dict[tuple[str, int], torch.Tensor]) -> None:
+        for (kind, layer), value in saved.items():
+            if kind == "w":
+                adapter.set_mlp_out_weight(layer, value)
+            else:
+                with torch.no_grad():
+                    adapter.module("mlp_out", layer).bias.copy_(value)
+
     def _checkpoint(self, adapter: Any, layers: list[int], state: RunState, tracker: ForgettingTracker,
                     editor: Editor) -> None:
         weights = {f"layer{layer}": adapter.get_mlp_out_weight(layer).float() for layer in layers}
+        # biases too: FT-C trains them (for the other methods they are saved unchanged)
+        weights.update({f"bias{layer}": adapter.module("mlp_out", layer).bias.detach().float()
+                        for layer in layers if adapter.module("mlp_out", layer).bias is not None})
         # a method's own state (AlphaEdit's preserved keys) travels with the weights
         state_dict = getattr(editor, "state_dict", None)
         weights.update({f"editor.{k}": v for k, v in (state_dict() if state_dict else {}).items()})
@@ -367,4 +392,7 @@ def load_model_or_run(name_or_dir: str | Path, *, device: str = "cpu") -> tuple[
     for key, w in weights.items():
         if key.startswith("layer"):
             lm.adapter.set_mlp_out_weight(int(key.removeprefix("layer")), w)
+        elif key.startswith("bias"):
+            with torch.no_grad():
+                lm.adapter.module("mlp_out", int(key.removeprefix("bias"))).bias.copy_(w)
     return lm, f"{path} after {state['edits_done']} edits"

@@ -20,24 +20,32 @@ DEFAULT_LENGTH_PARAMS: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))
 
 
 @torch.no_grad()
-def sample_texts(adapter: ModelAdapter, n: int, max_len: int, *, seed: int, top_k: int = 5) -> list[str]:
-    """`n` top-k samples of `max_len` tokens in total, starting from the start-of-text token.
+def sample_texts(adapter: ModelAdapter, n: int, max_len: int, *, seed: int, top_k: int = 5,
+                 start_text: str | None = None) -> list[str]:
+    """`n` top-k samples of `max_len` tokens in total (start included), from the start-of-text token
+    or, with `start_text`, from that text (kept at the head of each sample, as MEMIT's seeds are).
 
     A private torch.Generator makes the draw reproducible without touching the global RNG.
     """
     tok = adapter.tokenizer
-    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    if start is None:
-        raise ValueError("the tokenizer has neither a BOS nor an EOS token to start sampling from")
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    ids = torch.full((n, 1), start, dtype=torch.long, device=adapter.device)
-    for _ in range(max_len - 1):
+    if start_text is None:
+        start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        if start is None:
+            raise ValueError("the tokenizer has neither a BOS nor an EOS token to start sampling from")
+        prefix, drop = [start], 0
+    else:
+        # tokenised as the reference's generator does (special tokens on); a BOS it adds is not text
+        prefix = list(tok(start_text, add_special_tokens=True)["input_ids"])
+        drop = 1 if adapter.adds_bos else 0
+    ids = torch.tensor([prefix] * n, dtype=torch.long, device=adapter.device)
+    for _ in range(max_len - len(prefix)):
         logits = adapter.model(input_ids=ids, use_cache=False).logits[:, -1].float().cpu()
         top = torch.topk(logits, top_k, dim=-1)
         choice = torch.multinomial(torch.softmax(top.values, dim=-1), 1, generator=gen)
         nxt = top.indices.gather(1, choice).to(adapter.device)
         ids = torch.cat([ids, nxt], dim=1)
-    texts = tok.batch_decode(ids.tolist(), skip_special_tokens=False)
+    texts = tok.batch_decode(ids[:, drop:].tolist(), skip_special_tokens=False)
     eos = tok.eos_token or ""
     return [_clean(t, eos) for t in texts]
 
@@ -58,3 +66,31 @@ def generate_context_templates(adapter: ModelAdapter, length_params: Sequence[Se
         texts = sample_texts(adapter, int(n_gen), int(length), seed=seed * 1000 + i)
         templates.extend(f"{t}. {{}}" for t in texts)
     return templates
+
+
+# MEMIT's seed prompts (spec §4.1): one sample of 10 tokens in total from each.
+MEMIT_SEED_PROMPTS: tuple[str, ...] = ("The", "Therefore", "Because", "I", "You")
+MEMIT_TEMPLATE_LENGTH = 10
+
+
+def generate_memit_templates(adapter: ModelAdapter, *, seed: int = 0) -> list[str]:
+    """MEMIT's 6 templates, flat: "{}" then one "<sample>. {}" per seed prompt (spec §4.1).
+
+    The reference holds them as two groups, [["{}"], [the 5 prefixed]]; they are stored flat like
+    ROME's (one list per kind in the run's templates.json) and split by `memit_template_groups`.
+    """
+    templates = ["{}"]
+    for j, start in enumerate(MEMIT_SEED_PROMPTS):
+        (text,) = sample_texts(adapter, 1, MEMIT_TEMPLATE_LENGTH, seed=seed * 1000 + 100 + j, start_text=start)
+        templates.append(f"{text}. {{}}")
+    return templates
+
+
+def memit_template_groups(templates: Sequence[str]) -> list[list[str]]:
+    """[["{}"], [prefixed...]]: the first (bare) template is a group of its own, the rest the other.
+
+    Keys average within each group, then across groups (spec §4.3), so the bare prompt weighs 1/2.
+    """
+    if len(templates) < 2:
+        return [list(templates)]
+    return [[templates[0]], list(templates[1:])]

@@ -1,0 +1,10 @@
+"""EMMET: equality-constrained mass model editing (Gupta et al. 2024), as UME computes it (spec §5)."""
+
+from pathlib import Path
+
+from editscale.methods.emmet.config import EmmetConfig
+from editscale.methods.emmet.editor import EmmetEditor
+
+EmmetEditor.presets_dir = Path(__file__).parent / "presets"
+
+__all__ = ["EmmetConfig", "EmmetEditor"]

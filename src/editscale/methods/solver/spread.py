@@ -1,0 +1,221 @@
+"""What MEMIT, EMMET and AlphaEdit share (spec §4.1-4.4, §5, §6): targets z at the last edited
+layer, keys per layer, and the layer loop that spreads the remaining residual over the layers.
+
+    Z        = [z_1 … z_n]                        block output at z_layer = layers[-1], optimised (§4.2)
+    for i, l in enumerate(layers), ascending:
+      K^l    = keys on the current model           mean of group means over MEMIT's templates (§4.3)
+      cur_Z  = block output at z_layer, bare prompt, current model
+      R^l    = (Z − cur_Z) / (L − i)
+      Δ^l    = the method's update equation (K^l, R^l)
+      W^l    = W^l_orig + Δ^l, temporarily, so later layers see it
+
+All touched weights are restored at the end and the Δ^l are returned (the runner applies them).
+A method is a `SpreadEditor` subclass that supplies only `layer_update`.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from pydantic import field_validator
+
+from editscale.errors import EditscaleError
+from editscale.methods.base import Editor, EditRequest, EditResult, MethodConfig
+from editscale.methods.solver.context import EditContext
+from editscale.methods.solver.keys import fill, keys_at_subjects
+from editscale.methods.solver.targets import TargetValue, optimize_target
+from editscale.methods.solver.templates import generate_memit_templates, memit_template_groups
+from editscale.models.adapter import ModelAdapter
+
+TEMPLATE_KIND = "memit"  # all three methods use MEMIT's templates (spec §4.1, §5, §6)
+
+
+class SpreadConfig(MethodConfig):
+    """Hyper-parameters common to the MEMIT family (spec §4.5); defaults are MEMIT's."""
+
+    layers: list[int]
+    fact_token: Literal["subject_last", "subject_first", "subject_first_after_last", "last"] = "subject_last"
+    v_num_grad_steps: int = 20
+    v_lr: float = 0.5
+    # Traced but unused: the reference reads z's loss off the last block, i.e. the model's logits.
+    v_loss_layer: int | None = None
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 0.75
+    kl_factor: float = 0.0625
+    mom2_dataset: str = "wikipedia"
+    mom2_n_samples: int = 100000
+    mom2_dtype: Literal["float32", "float64"] = "float32"
+
+    @field_validator("layers")
+    @classmethod
+    def _ascending(cls, v: list[int]) -> list[int]:
+        # The reference sorts hparams.layers in place (spec §11 item 22); the config does it once here.
+        if not v:
+            raise ValueError("at least one layer is needed")
+        if len(set(v)) != len(v):
+            raise ValueError(f"layers repeat: {v}")
+        return sorted(v)
+
+
+# ---------------------------------------------------------------------- the shared pieces
+
+
+def compute_targets(adapter: ModelAdapter, cfg: SpreadConfig, requests: Sequence[EditRequest],
+                    templates: Sequence[str]) -> tuple[torch.Tensor, list[TargetValue]]:
+    """Z [d_model, n]: z = h0 + δ per request, δ added to the block output at z_layer (spec §4.2).
+
+    Each z is optimised on the model as it is now, alone (requests do not see each other), over the
+    flat list of templates (6 rewriting rows) plus the KL row.
+    """
+    z_layer = cfg.layers[-1]
+    found = [
+        optimize_target(adapter, z_layer, r.prompt, r.subject, r.target_new, templates, site="block",
+                        steps=cfg.v_num_grad_steps, lr=cfg.v_lr, weight_decay=cfg.v_weight_decay,
+                        clamp_norm_factor=cfg.clamp_norm_factor, kl_factor=cfg.kl_factor,
+                        fact_token=cfg.fact_token)
+        for r in requests
+    ]
+    return torch.stack([t.v_star for t in found], dim=1), found
+
+
+def layer_keys(adapter: ModelAdapter, layer: int, requests: Sequence[EditRequest], templates: Sequence[str],
+               fact_token: str = "subject_last") -> torch.Tensor:
+    """K [d_mlp, n] fp32: per request, the mean over template groups of the group's mean key (§4.3)."""
+    groups = memit_template_groups(templates)
+    flat = [t for g in groups for t in g]
+    prompts = [fill(t, r.prompt) for r in requests for t in flat]
+    subjects = [r.subject for r in requests for _ in flat]
+    keys, _ = keys_at_subjects(adapter, layer, prompts, subjects, fact_token)  # [n * T, d_mlp]
+    keys = keys.view(len(requests), len(flat), -1)
+    bounds, start = [], 0
+    for g in groups:
+        bounds.append((start, start + len(g)))
+        start += len(g)
+    group_means = torch.stack([keys[:, a:b].mean(dim=1) for a, b in bounds], dim=1)  # [n, groups, d_mlp]
+    return group_means.mean(dim=1).T.contiguous()
+
+
+@torch.no_grad()
+def hidden_at_subject(adapter: ModelAdapter, layer: int, requests: Sequence[EditRequest],
+                      fact_token: str = "subject_last", *, batch_size: int = 128) -> torch.Tensor:
+    """[d_model, n]: block `layer`'s output (the residual stream) at the fact token of each bare prompt."""
+    out = []
+    for i in range(0, len(requests), batch_size):
+        chunk = requests[i:i + batch_size]
+        prompts, subjects = [r.prompt for r in chunk], [r.subject for r in chunk]
+        positions = adapter.subject_token_indices(prompts, subjects, fact_token)
+        batch = adapter.encode([p.format(s) for p, s in zip(prompts, subjects, strict=True)])
+        with adapter.record("block", layer, positions) as rec:
+            adapter.final_hidden(batch)
+        out.append(rec.last)
+    return torch.cat(out).T.contiguous()
+
+
+@dataclass
+class LayerStep:
+    """What a method's update equation gets for one layer of the loop."""
+
+    index: int  # i: position in the ascending layer list
+    layer: int
+    n_layers: int  # L
+    keys: torch.Tensor  # K [d_mlp, n] fp32, on the model's device
+    resid: torch.Tensor  # R = (Z − cur_Z) / (L − i), [d_model, n] fp32
+    diagnostics: dict[str, float] = field(default_factory=dict)  # the update may report here
+
+
+class SpreadEditor(Editor):
+    """MEMIT-family editor: z, keys and residual spreading here; the update equation in subclasses."""
+
+    config: SpreadConfig
+    context: EditContext
+
+    def prepare(self) -> None:
+        self.templates()
+        for layer in self.config.layers:
+            self.mom2(layer)
+
+    def templates(self) -> list[str]:
+        """MEMIT's 6 templates, generated once (seeded) from the model `prepare()` sees: the base model."""
+        return self.context.template_set(TEMPLATE_KIND, lambda: generate_memit_templates(self.adapter,
+                                                                                         seed=self.context.seed))
+
+    def mom2(self, layer: int) -> torch.Tensor:
+        """C of the original model for this layer, [d_mlp, d_mlp] on CPU (never updated by edits, §4.4)."""
+        cfg = self.config
+        return self.context.second_moment(self.adapter, layer, corpus=cfg.mom2_dataset,
+                                          n_samples=cfg.mom2_n_samples, dtype=cfg.mom2_dtype)
+
+    @abstractmethod
+    def layer_update(self, step: LayerStep) -> torch.Tensor:
+        """Δ [d_model, d_mlp] (any float dtype) for one layer of the loop."""
+
+    def compute(self, requests: Sequence[EditRequest]) -> EditResult:
+        if not requests:
+            raise EditscaleError(f"{self.name}: no requests to edit")
+        self.check_batch(requests)
+        cfg, adapter = self.config, self.adapter
+        layers, z_layer = cfg.layers, cfg.layers[-1]
+        templates = self.templates()
+        timings = {"v_star": 0.0, "keys": 0.0, "update": 0.0}
+
+        t0 = time.perf_counter()
+        z, found = compute_targets(adapter, cfg, requests, templates)  # [d_model, n]
+        timings["v_star"] = time.perf_counter() - t0
+
+        saved = {layer: adapter.get_mlp_out_weight(layer) for layer in layers}  # fp32 copies
+        deltas: dict[int, torch.Tensor] = {}
+        diagnostics: dict[str, float] = {}
+        try:
+            for i, layer in enumerate(layers):
+                t0 = time.perf_counter()
+                keys = layer_keys(adapter, layer, requests, templates, cfg.fact_token)  # [d_mlp, n]
+                cur_z = hidden_at_subject(adapter, z_layer, requests, cfg.fact_token)  # [d_model, n]
+                t1 = time.perf_counter()
+                targets = z.to(cur_z.device) - cur_z
+                if i == 0:
+                    diagnostics["z_error"] = float(targets.norm(dim=0).mean())
+                step = LayerStep(i, layer, len(layers), keys, targets / (len(layers) - i))
+                delta = self.layer_update(step).float().cpu()  # [d_model, d_mlp]
+                if not torch.isfinite(delta).all():
+                    # nothing more to learn from later layers; the runner sees the non-finite update
+                    deltas[layer] = delta
+                    break
+                # W = W_orig + Δ (as the reference writes it), so the next layers' keys see the edit
+                adapter.set_mlp_out_weight(layer, saved[layer] + delta)
+                deltas[layer] = delta
+                w_norm = float(saved[layer].norm())
+                diagnostics[f"update_norm_l{layer}"] = float(delta.norm())
+                diagnostics[f"update_rel_l{layer}"] = float(delta.norm()) / w_norm if w_norm else float("inf")
+                diagnostics[f"key_norm_l{layer}"] = float(keys.norm(dim=0).mean())
+                for k, v in step.diagnostics.items():
+                    diagnostics[f"{k}_l{layer}"] = v
+                timings["keys"] += t1 - t0
+                timings["update"] += time.perf_counter() - t1
+            if len(deltas) == len(layers):
+                # how much of Z the written layers reach (0 would be a perfect fit)
+                diagnostics["z_error_after"] = float(
+                    (z.to(adapter.device) - hidden_at_subject(adapter, z_layer, requests, cfg.fact_token))
+                    .norm(dim=0).mean())
+        finally:
+            for layer, w in saved.items():
+                adapter.set_mlp_out_weight(layer, w)  # exact restore; subtracting would round
+
+        n = len(found)
+        diagnostics.update({
+            "v_loss_first": sum(t.loss_first for t in found) / n,
+            "v_loss": sum(t.loss_last for t in found) / n,
+            "v_nll": sum(t.nll_last for t in found) / n,
+            "v_kl": sum(t.kl_last for t in found) / n,
+            "v_steps": sum(t.steps for t in found) / n,
+            "v_prob_new": sum(t.prob_new for t in found) / n,
+            "delta_norm": sum(float(t.delta.norm()) for t in found) / n,
+            "v0_norm": sum(float(t.v0.norm()) for t in found) / n,
+            "update_norm": float(torch.stack([d.norm() for d in deltas.values()]).norm()),
+            "update_rel": max(diagnostics.get(f"update_rel_l{layer}", float("inf")) for layer in layers),
+        })
+        return EditResult(deltas, diagnostics, timings)
