@@ -18,7 +18,7 @@ from editscale.methods.solver.context import EditContext
 from editscale.methods.solver.spread import LayerStep, compute_targets
 from editscale.methods.solver.templates import generate_memit_templates, memit_template_groups
 from editscale.models.adapter import ModelAdapter
-from tiny_models import byte_bpe_tokenizer, tiny_model
+from tiny_models import byte_bpe_tokenizer, random_spd, reference_subject_last, tiny_model
 
 # "{}" is a group of its own, the two prefixed templates the other: keys weigh the bare prompt 1/2
 TEMPLATES = ["{}", "Paris is nice. {}", "The piano. {}"]
@@ -42,18 +42,10 @@ def _mlp_out(model: torch.nn.Module, model_type: str, layer: int) -> torch.nn.Mo
     return mlp.c_proj if model_type == "gpt2" else mlp.fc_out
 
 
-def _subject_last(tok, template: str, subject: str) -> int:
-    # the reference's piecewise rule (§2.3), valid for this byte-level BPE without BOS
-    prefix = template[: template.index("{}")]
-    if prefix:
-        assert prefix.endswith(" ")
-        return len(tok(prefix[:-1])["input_ids"]) + len(tok(" " + subject)["input_ids"]) - 1
-    return len(tok(subject)["input_ids"]) - 1
-
 
 def _read(model: torch.nn.Module, tok, module: torch.nn.Module, template: str, subject: str, *, what: str):
     """Input ("in") or output ("out", first element of a tuple) of a module at the subject-last token."""
-    pos = _subject_last(tok, template, subject)
+    pos = reference_subject_last(tok, template, subject)
     out = {}
 
     def hook(mod, args, output):
@@ -80,18 +72,13 @@ def _hidden(model, tok, layer: int, request: EditRequest) -> torch.Tensor:
     return _read(model, tok, _blocks(model)[layer], request.prompt, request.subject, what="out")
 
 
-def _spd(n: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    a = torch.randn(n, 3 * n, generator=g, dtype=torch.float64)
-    return a @ a.T / (3 * n) + 0.1 * torch.eye(n, dtype=torch.float64)
-
 
 def _setup(model_type: str, layers: list[int], mom2: dict[int, torch.Tensor] | None = None):
     tok = byte_bpe_tokenizer()
     model = tiny_model(model_type, len(tok))
     adapter = ModelAdapter(model, tok)
     if mom2 is None:
-        mom2 = {layer: _spd(adapter.d_mlp, seed=layer) for layer in layers}
+        mom2 = {layer: random_spd(adapter.d_mlp, seed=layer) for layer in layers}
     ctx = EditContext("tiny", templates={"memit": list(TEMPLATES)}, mom2=mom2, progress=False)
     return tok, model, adapter, ctx
 

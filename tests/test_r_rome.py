@@ -14,8 +14,8 @@ from editscale.methods.r_rome import RRomeConfig, RRomeEditor
 from editscale.methods.rome import RomeConfig, RomeEditor
 from editscale.methods.solver.context import EditContext
 from editscale.models.adapter import ModelAdapter
-from test_rome import REQUEST, TEMPLATES, _spd
-from tiny_models import byte_bpe_tokenizer, tiny_model
+from test_rome import REQUEST, TEMPLATES
+from tiny_models import byte_bpe_tokenizer, random_spd, tiny_model
 
 
 def test_default_key_mode_is_random_prefix() -> None:
@@ -43,7 +43,8 @@ def test_same_update_as_rome_in_random_prefix_mode() -> None:
     deltas = []
     for cls, cfg_cls in ((RRomeEditor, RRomeConfig), (RomeEditor, RomeConfig)):
         cfg = cfg_cls(layers=[1], mom2_dataset="factworld", key_mode="random_prefix", v_num_grad_steps=4)
-        ctx = EditContext("tiny", templates={"rome": list(TEMPLATES)}, mom2={1: _spd(adapter.d_mlp)}, progress=False)
+        ctx = EditContext("tiny", templates={"rome": list(TEMPLATES)}, mom2={1: random_spd(adapter.d_mlp)},
+                          progress=False)
         result = cls(adapter, cfg, ctx).compute([REQUEST])
         assert result.diagnostics["u_dot_k"] > 0
         deltas.append(result.deltas[1])

@@ -11,7 +11,7 @@ from editscale.methods.rome import RomeConfig, RomeEditor
 from editscale.methods.solver.context import EditContext
 from editscale.methods.solver.targets import optimize_target
 from editscale.models.adapter import ModelAdapter
-from tiny_models import byte_bpe_tokenizer, tiny_model
+from tiny_models import byte_bpe_tokenizer, random_spd, reference_subject_last, tiny_model
 
 TEMPLATES = ["{}", "Paris is nice. {}", "The piano. {}"]
 REQUEST = EditRequest(case_id=0, prompt="{} plays the", subject="Danielle Darrieux", target_new="violin",
@@ -38,19 +38,6 @@ def _key_value(model: torch.nn.Module, tok, model_type: str, layer: int, text: s
     return out["k"], out["v"]
 
 
-def _subject_last(tok, template: str, subject: str) -> int:
-    # the reference's piecewise rule (§2.3), valid for this byte-level BPE without BOS
-    prefix = template[: template.index("{}")]
-    if prefix:
-        assert prefix.endswith(" ")
-        return len(tok(prefix[:-1])["input_ids"]) + len(tok(" " + subject)["input_ids"]) - 1
-    return len(tok(subject)["input_ids"]) - 1
-
-
-def _spd(n: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    a = torch.randn(n, 3 * n, generator=g, dtype=torch.float64)
-    return a @ a.T / (3 * n) + 0.1 * torch.eye(n, dtype=torch.float64)
 
 
 def _setup(model_type: str, key_mode: str = "original"):
@@ -59,7 +46,7 @@ def _setup(model_type: str, key_mode: str = "original"):
     adapter = ModelAdapter(model, tok)
     layer = 1
     cfg = RomeConfig(layers=[layer], mom2_dataset="factworld", key_mode=key_mode, v_num_grad_steps=8)
-    c = _spd(adapter.d_mlp)
+    c = random_spd(adapter.d_mlp)
     ctx = EditContext("tiny", templates={"rome": list(TEMPLATES)}, mom2={layer: c}, progress=False)
     return tok, model, adapter, layer, cfg, c, ctx
 
@@ -75,10 +62,10 @@ def test_rome_update_matches_closed_form(model_type: str) -> None:
     for t in TEMPLATES:
         prompt = t.replace("{}", REQUEST.prompt)
         keys.append(_key_value(model, tok, model_type, layer, prompt.format(REQUEST.subject),
-                               _subject_last(tok, prompt, REQUEST.subject))[0])
+                               reference_subject_last(tok, prompt, REQUEST.subject))[0])
     k_bar = torch.stack(keys).mean(0)
     k0, v_cur = _key_value(model, tok, model_type, layer, REQUEST.prompt.format(REQUEST.subject),
-                           _subject_last(tok, REQUEST.prompt, REQUEST.subject))
+                           reference_subject_last(tok, REQUEST.prompt, REQUEST.subject))
     u = torch.linalg.solve(c, k_bar)
     u = u / u.norm()
     target = optimize_target(adapter, layer, REQUEST.prompt, REQUEST.subject, REQUEST.target_new, TEMPLATES,
@@ -95,7 +82,7 @@ def test_rome_update_matches_closed_form(model_type: str) -> None:
     # written through the adapter, the layer now maps the bare prompt's key to v* (both storages)
     apply_deltas(adapter, result.deltas)
     k0_after, v_after = _key_value(model, tok, model_type, layer, REQUEST.prompt.format(REQUEST.subject),
-                                   _subject_last(tok, REQUEST.prompt, REQUEST.subject))
+                                   reference_subject_last(tok, REQUEST.prompt, REQUEST.subject))
     torch.testing.assert_close(k0_after, k0)
     torch.testing.assert_close(v_after, v_star, rtol=1e-4, atol=1e-4)
     assert result.diagnostics["u_dot_k"] == pytest.approx(float(u @ k0), rel=1e-5)
@@ -109,7 +96,7 @@ def test_r_rome_anchors_on_the_mean_key() -> None:
     for t in TEMPLATES:
         prompt = t.replace("{}", REQUEST.prompt)
         k, v = _key_value(model, tok, "gpt2", layer, prompt.format(REQUEST.subject),
-                          _subject_last(tok, prompt, REQUEST.subject))
+                          reference_subject_last(tok, prompt, REQUEST.subject))
         keys.append(k)
         values.append(v)
     k_bar, v_bar = torch.stack(keys).mean(0), torch.stack(values).mean(0)

@@ -111,3 +111,22 @@ def tiny_model(model_type: str, vocab_size: int, *, square: bool = False, seed: 
 def tokenizer_for(model_type: str) -> PreTrainedTokenizerFast:
     """The offline tokenizer matching a family's spacing style."""
     return sentencepiece_tokenizer() if model_type in ("llama", "mistral") else byte_bpe_tokenizer()
+
+
+def reference_subject_last(tok, template: str, subject: str) -> int:
+    """The reference's piecewise subject-last index (spec §2.3): right for byte-level BPE without BOS.
+
+    Tests use it as an independent check of the adapter's offset-based indices.
+    """
+    prefix = template[: template.index("{}")]
+    if prefix:
+        assert prefix.endswith(" ")
+        return len(tok(prefix[:-1])["input_ids"]) + len(tok(" " + subject)["input_ids"]) - 1
+    return len(tok(subject)["input_ids"]) - 1
+
+
+def random_spd(n: int, seed: int = 0) -> torch.Tensor:
+    """A well-conditioned random second-moment matrix, fp64, to pass in as C."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, 3 * n, generator=g, dtype=torch.float64)
+    return a @ a.T / (3 * n) + 0.1 * torch.eye(n, dtype=torch.float64)
