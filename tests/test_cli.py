@@ -107,5 +107,11 @@ def test_run_then_resume_and_methods(tmp_path: Path) -> None:
     assert res.returncode == 2 and "holds another run" in res.stderr and "Traceback" not in res.stderr
     res = run_cli("run", "--out", str(tmp_path / "x"), "--set", "clamp_norm_factr=2")
     assert res.returncode == 2 and "clamp_norm_factr" in res.stderr and "Traceback" not in res.stderr
+    res = run_cli("compare", str(out), "--json")
+    assert res.returncode == 0, res.stderr
+    (row,) = json.loads(res.stdout)
+    assert row["method"] == "rome" and row["edits"] == 4 and set(row["f1"]) == {"sentiment"}
     res = run_cli("methods")
-    assert res.returncode == 0 and "rome" in res.stdout and "gpt2-xl" in res.stdout
+    assert res.returncode == 0
+    for name in ("rome", "r-rome", "memit", "emmet", "alphaedit", "ft-c", "gpt2-xl"):
+        assert name in res.stdout

@@ -78,7 +78,7 @@ def evaluate_skills(model: torch.nn.Module, tokenizer: Any, names: Sequence[str]
     """Few-shot F1 of the embedded skill tasks on balanced sets of ``n`` examples."""
     from editscale.data.factworld import default_world
     from editscale.data.factworld.skills import SKILL_TASKS, skill_eval_set
-    from editscale.eval.downstream.fewshot import evaluate_fewshot
+    from editscale.eval.downstream.fast import evaluate_fewshot_fast
 
     names = resolve_skill_tasks(names, n)
     reserved = default_world().reserved_names
@@ -86,7 +86,9 @@ def evaluate_skills(model: torch.nn.Module, tokenizer: Any, names: Sequence[str]
     for name in names:
         task = SKILL_TASKS[name]
         es = skill_eval_set(task, reserved, n=n, seed=seed)
-        out[name] = {"mirrors": task.mirrors, **evaluate_fewshot(model, tokenizer, task.fmt, es.demos, es.examples)}
+        # the shared-prefix path: the same predictions as one pass per example (tested), ~10x faster
+        out[name] = {"mirrors": task.mirrors,
+                     **evaluate_fewshot_fast(model, tokenizer, task.fmt, es.demos, es.examples)}
     return out
 
 

@@ -135,7 +135,7 @@ def _sweep_section(path: Path) -> list[str]:
         cond = r["diagnostics_mean"].get("mom2_cond", float("nan"))
         lines.append(f"| {r['layers'][0]} | {r['es']:.3f} | {r['ps']:.3f} | {r['ns']:.3f} | "
                      f"{r['update_rel_median']:.2f} | {cond:.1e} |")
-    lines += ["", f"Measured with: `{sweep.get('command', 'python benchmarks/single_edits.py')}`", ""]
+    lines += ["", f"Measured with: `python {sweep.get('command', 'benchmarks/single_edits.py')}`", ""]
     return lines
 
 
