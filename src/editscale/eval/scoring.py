@@ -42,16 +42,24 @@ def score_continuations(model: torch.nn.Module, rows: Sequence[tuple[Sequence[in
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         ids, mask = _pad_right([list(p) + list(t) for p, t in chunk], pad_id, device)
-        logprobs = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
-        for i, (prefix, target) in enumerate(chunk):
-            pos = torch.arange(len(prefix) - 1, len(prefix) + len(target) - 1, device=device)
-            tgt = torch.as_tensor(list(target), dtype=torch.long, device=device)
-            lp = logprobs[i, pos]
-            token_lp = lp.gather(1, tgt[:, None]).squeeze(1)
-            argmax = lp.argmax(dim=-1)
-            out.append(ContinuationScore(
-                mean_nll=float(-token_lp.mean()), sum_nll=float(-token_lp.sum()),
-                greedy_match=bool((argmax == tgt).all()), argmax_ids=tuple(argmax.tolist())))
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        # Gather every scored position of the chunk first and normalise only those: the softmax
+        # over the vocabulary at all other positions, and a Python loop of small ops per row,
+        # would cost more than the forward pass.
+        row_idx = [i for i, (_, t) in enumerate(chunk) for _ in t]
+        pos_idx = [len(p) - 1 + j for p, t in chunk for j in range(len(t))]
+        tgt = torch.as_tensor([x for _, t in chunk for x in t], dtype=torch.long, device=device)
+        picked = logits[torch.as_tensor(row_idx, device=device), torch.as_tensor(pos_idx, device=device)].float()
+        token_lp = torch.log_softmax(picked, dim=-1).gather(1, tgt[:, None]).squeeze(1).tolist()
+        argmax = picked.argmax(dim=-1).tolist()
+        targets = tgt.tolist()
+        k = 0
+        for _, target in chunk:
+            n = len(target)
+            lp, am = token_lp[k:k + n], argmax[k:k + n]
+            out.append(ContinuationScore(mean_nll=-sum(lp) / n, sum_nll=-sum(lp), greedy_match=am == targets[k:k + n],
+                                         argmax_ids=tuple(am)))
+            k += n
     return out
 
 
