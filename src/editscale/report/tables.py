@@ -39,21 +39,25 @@ def interval_rows(out: Path | str, n_rows: int = 12) -> list[dict[str, Any]]:
 
 
 def run_table(out: Path | str, n_rows: int = 12) -> Table:
-    t = Table(title=f"{out}: ES/PS/NS over the last 50 edits, forgetting, drift")
-    # forgot: % of successful earlier edits lost (paper: greedy, sticky; prob: ES re-tested);
-    # control: never-edited facts still known; drift: ||dW||/numel; rel: ||dW||/||W0||
+    """Narrow enough for an 80-column terminal; every figure is also in the run's files."""
+    t = Table(title=f"{out}: ES/PS/NS over the last 50 edits, forgetting, drift, skills",
+              caption="forgot: % of successful edits lost (paper: greedy, sticky / prob: ES re-tested); "
+                      "ctrl: never-edited facts still known; drift: ||dW||/numel of the edited layer")
     rows = interval_rows(out, n_rows)
     tasks = list(rows[-1]["f1"]) if rows and rows[-1]["f1"] else []
-    for col in ("edits", "ES", "PS", "NS", "forgot paper", "forgot prob", "control", "drift", "rel"):
+    for col in ("edits", "ES", "PS", "NS", "forgot p/pr", "ctrl", "drift"):
         t.add_column(col, justify="right")
     if tasks:
-        t.add_column("F1 " + "/".join(x[:4] for x in tasks), justify="right")
+        t.add_column("F1 " + "/".join(x[:2] for x in tasks), justify="right")
+
+    def short(x: float) -> str:
+        return f"{x:.2f}".removeprefix("0") if x == x else "-"
+
     for r in rows:
         control = "-" if r["control_known_pct"] is None else f"{r['control_known_pct']:.0f}%"
         t.add_row(str(r["edits"]), f"{r['es_w50']:.2f}", f"{r['ps_w50']:.2f}", f"{r['ns_w50']:.2f}",
-                  f"{r['paper_forgotten_pct']:.0f}%", f"{r['prob_forgotten_pct']:.0f}%", control,
-                  f"{r['drift']:.2e}", f"{r['drift_rel']:.2f}",
-                  *(["/".join(f"{r['f1'].get(x, float('nan')):.2f}" for x in tasks)] if tasks else []))
+                  f"{r['paper_forgotten_pct']:.0f}/{r['prob_forgotten_pct']:.0f}%", control, f"{r['drift']:.1e}",
+                  *(["/".join(short(r["f1"].get(x, float("nan"))) for x in tasks)] if tasks else []))
     return t
 
 
