@@ -161,3 +161,13 @@ def test_fast_equals_naive_on_embedded_skills(name, mode):
     assert fast["predictions"] == naive["predictions"]
     assert fast["f1"] == pytest.approx(naive["f1"], abs=1e-6)
     assert fast["prefix_len"] > 0
+
+
+def test_prompts_get_the_tokenizers_bos_as_the_paper_tokenises_them() -> None:
+    from editscale.eval.downstream.fewshot import prompt_token_ids
+    from tiny_models import byte_bpe_tokenizer, sentencepiece_tokenizer
+
+    sp = sentencepiece_tokenizer()
+    assert prompt_token_ids(sp, ["Review : fine"])[0][0] == sp.bos_token_id  # Llama style: BOS first
+    bpe = byte_bpe_tokenizer()
+    assert prompt_token_ids(bpe, ["Review : fine"])[0] == bpe("Review : fine", add_special_tokens=False)["input_ids"]

@@ -46,8 +46,12 @@ def check_mode(mode: str) -> None:
 
 
 def prompt_token_ids(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
-    """The one tokenisation of few-shot prompts that every evaluator feeds to the model."""
-    return [list(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    """The one tokenisation of few-shot prompts that every evaluator feeds to the model.
+
+    With the tokenizer's special tokens, as the paper's `tok(prompt)` call: nothing for GPT-2 and
+    GPT-J, the BOS token for Llama-style tokenizers (which expect it).
+    """
+    return [list(tokenizer(p)["input_ids"]) for p in prompts]
 
 
 def pad_token_id(tokenizer: Any) -> int:
@@ -66,7 +70,7 @@ def label_targets(tokenizer: Any, fmt: FewShotFormat, prompts: Sequence[str], id
         n = len(prompt_ids)
         targets: dict[int, list[int]] = {}
         for label, word in sorted(fmt.label_words.items()):
-            full = list(tokenizer(f"{prompt} {word}", add_special_tokens=False)["input_ids"])
+            full = list(tokenizer(f"{prompt} {word}")["input_ids"])  # tokenised as the prompt is
             if full[:n] == list(prompt_ids) and len(full) > n:
                 targets[label] = full[n:]
             else:
