@@ -107,6 +107,10 @@ def test_kill_and_resume_gives_identical_results(tmp_path: Path, stats_cache: Pa
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (killed_dir / "summary.json").exists()
+    from editscale.report.tables import comparison_rows
+
+    (row,) = comparison_rows([killed_dir])  # an unfinished run is summarised from its rows so far
+    assert row["finished"] is False and row["edits"] >= 3 and row["mean_es"] == row["mean_es"]
 
     Runner.resume(killed_dir, progress=False, log=lambda s: None).run()
     a, b = RunStore(ref_dir), RunStore(killed_dir)

@@ -65,15 +65,18 @@ def comparison_rows(dirs: list[Path | str]) -> list[dict[str, Any]]:
     """One row per run directory: what the runs did, side by side (methods, samples, models)."""
     from editscale.analysis.phases import find_phases
     from editscale.run.config import load_config
+    from editscale.run.runner import summarize
 
     out = []
     for d in dirs:
         store = RunStore(d)
-        summary = store.read_json("summary.json") or {}
         cfg = load_config(Path(d) / "config.yaml")
+        # an unfinished run (still going, or killed) is summarised from its rows so far
+        summary = store.read_json("summary.json") or summarize(store, cfg)
         phases = find_phases(store.rows("edits"), store.rows("forgetting"))
         out.append({"run": str(d), "method": cfg.method, "batch": cfg.batch_size,
-                    "edits": summary.get("edits_done"), "mean_es": summary.get("mean_es"),
+                    "edits": summary.get("edits_done"), "finished": store.exists("summary.json"),
+                    "mean_es": summary.get("mean_es"),
                     "mean_ps": summary.get("mean_ps"), "mean_ns": summary.get("mean_ns"),
                     "forgotten_paper": summary.get("paper_forgotten_pct_final"),
                     "forgotten_prob": summary.get("prob_forgotten_pct_final"),
@@ -94,7 +97,8 @@ def comparison_table(dirs: list[Path | str]) -> Table:
         return "-" if x is None else format(x, fmt)
 
     for r in rows:
-        t.add_row(Path(r["run"]).name, r["method"], str(r["batch"]), f(r["edits"], "d"), f(r["mean_es"], ".2f"),
+        t.add_row(Path(r["run"]).name, r["method"], str(r["batch"]),
+                  f(r["edits"], "d") + ("" if r["finished"] else " (running)"), f(r["mean_es"], ".2f"),
                   f(r["mean_ps"], ".2f"), f(r["mean_ns"], ".2f"), f(r["forgotten_paper"], ".0f") + "%",
                   f(r["forgotten_prob"], ".0f") + "%", *[f(r["f1"].get(x), ".2f") for x in tasks],
                   f(r["max_drift"], ".2e"), "none" if r["collapse"] is None else str(r["collapse"]))
