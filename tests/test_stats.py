@@ -110,3 +110,20 @@ def test_bad_corpus_and_dtype(adapter: ModelAdapter, tmp_path) -> None:
 def test_condition_number() -> None:
     c = torch.diag(torch.tensor([1.0, 10.0, 100.0], dtype=torch.float64))
     assert stats_mod.condition_number(c) == pytest.approx(100.0)
+
+
+def test_online_corpora_go_through_datasets(monkeypatch) -> None:
+    """The wikitext/wikipedia path with a fake `datasets.load_dataset` (nothing downloads here)."""
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None):
+        calls.append((path, name, split))
+        return {"text": ["", " = Title = ", "First paragraph of text .", "  ", "Second one ."]}
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    docs = corpus_documents("wikitext", 10)
+    assert calls == [("wikitext", "wikitext-103-raw-v1", "train")]
+    assert docs == [" = Title = ", "First paragraph of text .", "Second one ."]  # empty lines dropped
+    corpus_documents("wikipedia", 2)
+    assert calls[-1] == ("wikimedia/wikipedia", "20231101.en", "train")
