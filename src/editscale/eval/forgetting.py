@@ -43,8 +43,8 @@ class ForgettingTracker:
         t0 = time.perf_counter()
         paper_test = [c for c, ok in self.paper_ok.items() if ok and c not in self.paper_forgotten]
         prob_test = [c for c, ok in self.prob_ok.items() if ok]
-        ids = sorted(set(paper_test) | set(prob_test), key=list(self.records).index)
-        recs = [self.records[c] for c in ids]
+        testing = set(paper_test) | set(prob_test)
+        recs = [r for c, r in self.records.items() if c in testing]  # in edit order
         new_scores = true_scores = []
         if recs:
             prompts = [r.rewrite_prompt for r in recs]
@@ -81,13 +81,10 @@ class ForgettingTracker:
     def check_control(self, adapter: ModelAdapter, *, batch_size: int = 256) -> dict[str, Any]:
         if not self.control:
             return {}
-        prompts = [r.rewrite_prompt for r in self.control]
-        scores = score_prompt_targets(adapter, prompts + prompts, [r.target_true for r in self.control] +
-                                      [r.target_new for r in self.control], batch_size=batch_size)
+        known, greedy = _true_vs_new(adapter, self.control, batch_size)
         n = len(self.control)
-        known = sum(scores[i].mean_nll < scores[n + i].mean_nll for i in range(n))
-        greedy = sum(scores[i].greedy_match for i in range(n))
-        return {"control_n": n, "control_known_pct": 100.0 * known / n, "control_greedy_pct": 100.0 * greedy / n}
+        return {"control_n": n, "control_known_pct": 100.0 * sum(known) / n,
+                "control_greedy_pct": 100.0 * sum(greedy) / n}
 
     # ---------------------------------------------------------------- resume support
 
@@ -105,6 +102,17 @@ class ForgettingTracker:
         self.prob_forgotten = {int(c) for c in state["prob_forgotten"]}
 
 
+def _true_vs_new(adapter: ModelAdapter, records: Sequence[EditRecord], batch_size: int
+                 ) -> tuple[list[bool], list[bool]]:
+    """Per record's rewrite prompt: is the true object likelier than the new one, and is it the greedy output."""
+    prompts = [r.rewrite_prompt for r in records]
+    scores = score_prompt_targets(adapter, prompts + prompts, [r.target_true for r in records] +
+                                  [r.target_new for r in records], batch_size=batch_size)
+    n = len(records)
+    return ([scores[i].mean_nll < scores[n + i].mean_nll for i in range(n)],
+            [scores[i].greedy_match for i in range(n)])
+
+
 def select_control(adapter: ModelAdapter, candidates: Sequence[EditRecord], n: int, *,
                    batch_size: int = 256) -> list[EditRecord]:
     """The first `n` candidates whose true object the unedited model prefers on the rewrite prompt."""
@@ -112,8 +120,6 @@ def select_control(adapter: ModelAdapter, candidates: Sequence[EditRecord], n: i
     pool = list(candidates)
     while len(out) < n and pool:
         chunk, pool = pool[: 2 * (n - len(out))], pool[2 * (n - len(out)):]
-        prompts = [r.rewrite_prompt for r in chunk]
-        scores = score_prompt_targets(adapter, prompts + prompts, [r.target_true for r in chunk] +
-                                      [r.target_new for r in chunk], batch_size=batch_size)
-        out.extend(r for i, r in enumerate(chunk) if scores[i].mean_nll < scores[len(chunk) + i].mean_nll)
+        known, _ = _true_vs_new(adapter, chunk, batch_size)
+        out.extend(r for r, k in zip(chunk, known) if k)
     return out[:n]

@@ -347,6 +347,7 @@ class _progress_bar:
 
     def __init__(self, enabled: bool, total: int, done: int) -> None:
         self.enabled, self.total, self.done = enabled, total, done
+        self.f1 = ""  # the latest downstream F1s, shown until the next evaluation
 
     def __enter__(self) -> Callable[[int, dict[str, Any]], None]:
         if not self.enabled:
@@ -367,7 +368,7 @@ class _progress_bar:
                 live = f"ES50 {row['es_w50']:.2f} NS50 {row['ns_w50']:.2f} drift {drift:.2e}"
                 if "downstream" in row:
                     self.f1 = " F1 " + " ".join(f"{k[:4]} {v['f1']:.2f}" for k, v in row["downstream"]["tasks"].items())
-                live += getattr(self, "f1", "")
+                live += self.f1
             self.bar.update(task, completed=n, rate=f"{rate:.2f} edits/s", live=live)
 
         return update

@@ -37,11 +37,12 @@ class LoadedTask:
 
 class DownstreamSuite:
     def __init__(self, names: Sequence[str], *, mode: Mode = "paper", n: int = 200,
-                 data_dir: Path | str | None = None, fast: bool = True, batch_size: int = 32) -> None:
+                 data_dir: Path | str | None = None, fast: bool = True, batch_size: int = 32,
+                 seed: int = 1234) -> None:
         self.mode, self.fast, self.batch_size = mode, fast, batch_size
         self.tasks: list[LoadedTask] = []
         for task in get_tasks(list(names)):
-            demos, examples = task.examples(n=n, data_dir=data_dir)
+            demos, examples = task.examples(n=n, data_dir=data_dir, seed=seed)
             if mode == "logprob" and task.gold_to_label:
                 examples = [(f, task.gold_to_label[y]) for f, y in examples]
             self.tasks.append(LoadedTask(task, demos, examples))

@@ -134,16 +134,18 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 def _batches(adapter: ModelAdapter, docs: Sequence[str], max_length: int, token_budget: int
              ) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
     """(first doc, end doc, padded batch) with at most `token_budget` padded tokens per batch."""
-    i = 0
+    i, carried = 0, None  # the document that overflowed a batch starts the next one, tokenised once
     while i < len(docs):
-        j, rows = i, []
+        j, rows, longest = i, [], 0
         while j < len(docs):
-            ids = adapter.tokenizer(docs[j], add_special_tokens=True, truncation=True,
-                                    max_length=max_length)["input_ids"]
-            longest = max([len(r) for r in rows] + [len(ids)])
-            if rows and longest * (len(rows) + 1) > token_budget:
+            ids = carried if carried is not None else adapter.tokenizer(
+                docs[j], add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
+            carried = None
+            if rows and max(longest, len(ids)) * (len(rows) + 1) > token_budget:
+                carried = ids
                 break
             rows.append(ids)
+            longest = max(longest, len(ids))
             j += 1
         yield i, j, adapter.pad(rows)
         i = j
