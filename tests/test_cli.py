@@ -111,6 +111,11 @@ def test_run_then_resume_and_methods(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     (row,) = json.loads(res.stdout)
     assert row["method"] == "rome" and row["edits"] == 4 and set(row["f1"]) == {"sentiment"}
+    res = run_cli("compare", str(out), "--markdown")
+    assert res.returncode == 0, res.stderr
+    header, rule, line = res.stdout.strip().splitlines()
+    assert header.startswith("| run | method |") and "F1 sentiment" in header and rule.startswith("|---|")
+    assert line.split(" | ")[1:4] == ["rome", "1", "4"]
     res = run_cli("methods")
     assert res.returncode == 0
     for name in ("rome", "r-rome", "memit", "emmet", "alphaedit", "ft-c", "gpt2-xl"):

@@ -140,9 +140,11 @@ def test_train_bias_off_and_clamp_anchor_unedited() -> None:
             apply_result(adapter, editor.compute([request]))
         drift[anchor] = float((adapter.get_mlp_out_weight(LAYER) - w0).abs().max())
     assert drift["unedited"] <= 1e-3 * (1 + 1e-5) < drift["edit_start"]
+    # an editor nobody prepared prepares itself on the model its first compute() sees
+    _, _, _, prepared = _setup("gpt2", norm_constraint=1e-3, clamp_anchor="unedited")
+    prepared.prepare()
     _, _, _, unprepared = _setup("gpt2", norm_constraint=1e-3, clamp_anchor="unedited")
-    with pytest.raises(EditscaleError, match="prepare"):
-        unprepared.compute([REQUEST])
+    assert torch.equal(unprepared.compute([REQUEST]).deltas[LAYER], prepared.compute([REQUEST]).deltas[LAYER])
 
 
 def test_config_reads_false_as_unconstrained() -> None:

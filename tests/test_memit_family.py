@@ -160,6 +160,27 @@ def test_memit_spreads_the_residual_over_layers(model_type: str) -> None:
     assert result.diagnostics["z_error_after"] < result.diagnostics["z_error"]
 
 
+def test_statistics_are_read_before_any_layer_is_written(tmp_path) -> None:
+    # An editor nobody prepared must not compute layer 1's C after layer 0 got its temporary update.
+    layers = [0, 1]
+    tok, model, adapter, _ = _setup("gpt2", layers)
+    cfg = MemitConfig(layers=layers, mom2_update_weight=2.0, mom2_dataset="factworld", mom2_n_samples=20,
+                      v_num_grad_steps=STEPS)
+
+    def fresh(name: str) -> EditContext:
+        return EditContext("tiny", templates={"memit": list(TEMPLATES)}, stats_cache_dir=tmp_path / name,
+                           progress=False)
+
+    prepared = MemitEditor(adapter, cfg, fresh("a"))
+    prepared.prepare()
+    expected = prepared.compute(REQUESTS)
+    lazy_ctx = fresh("b")
+    got = MemitEditor(adapter, cfg, lazy_ctx).compute(REQUESTS)
+    assert torch.equal(lazy_ctx.mom2[1], prepared.context.mom2[1])
+    for layer in layers:
+        assert torch.equal(got.deltas[layer], expected.deltas[layer])
+
+
 # ---------------------------------------------------------------------- EMMET
 
 

@@ -1,4 +1,5 @@
-"""ROME on the embedded model: single edits succeed (issue 3's acceptance figures), on the preset."""
+"""Editing the embedded model on the presets: single ROME edits succeed (issue 3), and a MEMIT or EMMET
+batch reaches its facts (issue 5)."""
 
 from __future__ import annotations
 
@@ -36,3 +37,26 @@ def test_single_rome_edits_succeed_on_100_records(tmp_path) -> None:
     assert statistics.mean(es) >= 0.95
     assert statistics.mean(ps) >= 0.85
     assert statistics.mean(ns) >= 0.80
+
+
+@pytest.fixture(scope="module")
+def stats_dir(tmp_path_factory: pytest.TempPathFactory):
+    return tmp_path_factory.mktemp("stats")
+
+
+@pytest.mark.parametrize("method", ["memit", "emmet"])
+def test_one_batch_of_32_embedded_facts(method: str, stats_dir) -> None:
+    # Issue 5 asks ES >= 0.90 on a batch of 64 (benchmarks/single_edits.py --batch 64: memit 0.953,
+    # emmet 0.922); half the batch keeps the suite fast (measured 0.938 / 1.000) and one fact of slack.
+    from editscale.methods.base import apply_result
+
+    lm = load_model("embedded")
+    cls = get_method(method)
+    editor = cls(lm.adapter, cls.default_config("embedded"), EditContext(lm.name, stats_cache_dir=stats_dir,
+                                                                          progress=False))
+    records = load_records("factworld")[:32]
+    result = editor.compute([EditRequest.from_record(r) for r in records])
+    assert set(result.deltas) == {0, 1} and result.all_finite()
+    apply_result(lm.adapter, result)
+    scores = edit_scores(lm.adapter, records)
+    assert statistics.mean(s.es for s in scores) >= 0.9

@@ -250,15 +250,19 @@ def _print_run(out: Path, summary: dict[str, Any]) -> None:
 
 @app.command()
 def compare(runs: Annotated[list[Path], typer.Argument(help="Run directories.")],
-            as_json: JsonOpt = False) -> None:
+            as_json: JsonOpt = False,
+            markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table.")] = False) -> None:
     """One table over runs: ES/PS/NS, forgetting, final F1 per task, max drift, where a collapse is detected."""
-    from editscale.report.tables import comparison_rows, comparison_table
+    from editscale.report.tables import comparison_markdown, comparison_rows, comparison_table
 
     for d in runs:
         if not (d / "config.yaml").exists():
             raise EditscaleError(f"{d} holds no run (no config.yaml)")
     if as_json:
         _emit_json(comparison_rows(list(runs)))
+        return
+    if markdown:
+        print(comparison_markdown(list(runs)))
         return
     console.print(comparison_table(list(runs)))
 

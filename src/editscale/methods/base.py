@@ -110,6 +110,7 @@ class Editor(ABC):
         self.adapter = adapter
         self.config = config
         self.context = context
+        self._prepared = False
 
     def prepare(self) -> None:
         """Compute what must come from the unedited model (templates, statistics, projections).
@@ -117,6 +118,13 @@ class Editor(ABC):
         The runner calls this once before any edit and before a resumed run loads its checkpoint.
         """
         return None
+
+    def ensure_prepared(self) -> None:
+        """`prepare()` once. Every `compute()` starts with this: MEMIT-family updates write earlier
+        layers while they go, and statistics first needed there would come from a half-edited model."""
+        if not self._prepared:
+            self.prepare()
+            self._prepared = True
 
     @abstractmethod
     def compute(self, requests: Sequence[EditRequest]) -> EditResult:

@@ -85,21 +85,39 @@ def comparison_rows(dirs: list[Path | str]) -> list[dict[str, Any]]:
     return out
 
 
-def comparison_table(dirs: list[Path | str]) -> Table:
-    rows = comparison_rows(dirs)
+COMPARISON_COLUMNS = ("run", "method", "B", "edits", "ES", "PS", "NS", "forgot paper", "forgot prob")
+
+
+def comparison_cells(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Header and formatted cells of the comparison, shared by the terminal table and Markdown."""
     tasks = sorted({t for r in rows for t in r["f1"]})
-    t = Table(title="Runs compared")
-    for col in ("run", "method", "B", "edits", "ES", "PS", "NS", "forgot paper", "forgot prob",
-                *[f"F1 {x}" for x in tasks], "max drift", "collapse at"):
-        t.add_column(col, justify="right")
+    header = [*COMPARISON_COLUMNS, *[f"F1 {x}" for x in tasks], "max drift", "collapse at"]
 
     def f(x: Any, fmt: str) -> str:
         return "-" if x is None else format(x, fmt)
 
-    for r in rows:
-        t.add_row(Path(r["run"]).name, r["method"], str(r["batch"]),
-                  f(r["edits"], "d") + ("" if r["finished"] else " (running)"), f(r["mean_es"], ".2f"),
-                  f(r["mean_ps"], ".2f"), f(r["mean_ns"], ".2f"), f(r["forgotten_paper"], ".0f") + "%",
-                  f(r["forgotten_prob"], ".0f") + "%", *[f(r["f1"].get(x), ".2f") for x in tasks],
-                  f(r["max_drift"], ".2e"), "none" if r["collapse"] is None else str(r["collapse"]))
+    cells = [[Path(r["run"]).name, r["method"], str(r["batch"]),
+              f(r["edits"], "d") + ("" if r["finished"] else " (running)"), f(r["mean_es"], ".2f"),
+              f(r["mean_ps"], ".2f"), f(r["mean_ns"], ".2f"), f(r["forgotten_paper"], ".0f") + "%",
+              f(r["forgotten_prob"], ".0f") + "%", *[f(r["f1"].get(x), ".2f") for x in tasks],
+              f(r["max_drift"], ".2e"), "none" if r["collapse"] is None else str(r["collapse"])]
+             for r in rows]
+    return header, cells
+
+
+def comparison_table(dirs: list[Path | str]) -> Table:
+    header, cells = comparison_cells(comparison_rows(dirs))
+    t = Table(title="Runs compared")
+    for col in header:
+        t.add_column(col, justify="right")
+    for row in cells:
+        t.add_row(*row)
     return t
+
+
+def comparison_markdown(dirs: list[Path | str]) -> str:
+    """The comparison as a Markdown table: for notes, issues and READMEs, at any terminal width."""
+    header, cells = comparison_cells(comparison_rows(dirs))
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
+    return "\n".join(lines)

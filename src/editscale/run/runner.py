@@ -129,7 +129,7 @@ class Runner:
         editor: Editor = editor_cls(adapter, method_cfg, ctx)
 
         # Everything taken from the base model happens before a checkpoint is loaded.
-        editor.prepare()
+        editor.ensure_prepared()
         if ctx.templates and ctx.templates != templates:
             self.store.write_json("templates.json", ctx.templates)
         original = {layer: adapter.get_mlp_out_weight(layer).detach().float().cpu().clone() for layer in layers}

@@ -131,6 +131,7 @@ class FtcEditor(Editor):
         self.check_batch(requests)
         if not requests:
             raise EditscaleError("ft-c: no requests to edit")
+        self.ensure_prepared()
         t0 = time.perf_counter()
         chunks = [self._layout(requests[i:i + cfg.batch_size]) for i in range(0, len(requests), cfg.batch_size)]
         trained = self._trained()
@@ -207,7 +208,6 @@ class FtcEditor(Editor):
         if self.config.clamp_anchor == "edit_start":
             anchors = start
         else:
-            if self._unedited is None:
-                raise EditscaleError("ft-c: clamp_anchor 'unedited' needs prepare() on the unedited model first")
+            assert self._unedited is not None  # compute() prepared the editor
             anchors = [self._unedited[(t.layer, t.kind)] for t in trained]
         return [(a - eps, a + eps) for a in anchors]

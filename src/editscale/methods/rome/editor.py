@@ -39,6 +39,7 @@ class RomeEditor(Editor):
                                            n_samples=cfg.mom2_n_samples, dtype=cfg.mom2_dtype)
 
     def compute(self, requests: Sequence[EditRequest]) -> EditResult:
+        self.ensure_prepared()
         layer = self.config.layers[0]
         total = torch.zeros(self.adapter.d_model, self.adapter.d_mlp, dtype=torch.float32)
         diagnostics: dict[str, float] = {}

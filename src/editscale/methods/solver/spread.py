@@ -158,6 +158,7 @@ class SpreadEditor(Editor):
         if not requests:
             raise EditscaleError(f"{self.name}: no requests to edit")
         self.check_batch(requests)
+        self.ensure_prepared()  # later layers' statistics must not be read while earlier ones are written
         cfg, adapter = self.config, self.adapter
         layers, z_layer = cfg.layers, cfg.layers[-1]
         templates = self.templates()
