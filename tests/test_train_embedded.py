@@ -13,11 +13,14 @@ from safetensors.torch import load_file
 import editscale.data.factworld.train as train_mod
 from editscale.data.factworld.skills import SKILL_TASKS
 from editscale.data.factworld.train import (
+    Stage,
     TrainConfig,
     build_streams,
     corpus_texts,
     lr_at,
     sample_batch,
+    sample_mixed,
+    stage_streams,
     train,
     train_tokenizer,
 )
@@ -214,7 +217,7 @@ def test_a_finished_run_can_be_extended_with_more_steps(tmp_path, stub_eval):
     train(TINY, out, progress=False, log=lambda m: None)
     logs: list[str] = []
     final = train(TINY.model_copy(update={"steps": 8}), out, progress=False, log=logs.append)
-    assert any("extending the run from 6 to 8 steps" in m for m in logs)
+    assert any("extending the run: steps 6 -> 8" in m for m in logs)
     info = json.loads((final / "training.json").read_text())
     assert info["steps"] == 8
     assert any(h.get("extended") == "steps 6 -> 8" for h in info["history"])
@@ -232,3 +235,80 @@ def test_quick_eval_reports_knowledge_and_skills(small_streams):
     for key in ("known_rewrite", "known_paraphrase", "known_neighborhood", "known_unseen",
                 *(f"f1_{n}" for n in SKILL_TASKS)):
         assert 0.0 <= out[key] <= 1.0, key
+
+
+# ---------------------------------------------------------------------- later stages
+
+STAGE = Stage(steps=4, mix={"facts": 1, "phrasings": 1, "paraphrase": 2}, lr=1e-3, warmup=1,
+              answer_weight=10.0, context_weight=0.1, phrasing_repeats=1)
+
+
+def test_stage_streams_reweight_skills_and_add_the_shared_phrasings(small_streams):
+    cfg, tok, _, _, streams = small_streams
+    world = generate_world(cfg.world_seed, cfg.n_subjects)
+    out = stage_streams(tok, world, cfg, STAGE, 1, streams)
+    assert set(out) == {"facts", "phrasings", "paraphrase"}
+    assert out["facts"] is streams["facts"]
+    para, base = out["paraphrase"], streams["paraphrase"]
+    assert np.array_equal(para.ids, base.ids)
+    assert np.array_equal(para.weights == 10.0, base.weights > 1) and np.allclose(np.unique(para.weights), [0.1, 10.0])
+    text = _decoded_ends(tok, out["phrasings"].ids)[-1]
+    assert sorted(s for line in text.splitlines() for s in _sentences(line)) == sorted(world.shared_sentences())
+    assert not set(world.shared_sentences()) & set(world.training_sentences())
+    with pytest.raises(ValueError, match="stage 1: unknown streams in mix: typo"):
+        stage_streams(tok, world, cfg, STAGE.model_copy(update={"mix": {"typo": 1.0}}), 1, streams)
+    x, w = sample_mixed(out, {"paraphrase": 1.0}, cfg, np.random.default_rng(0))
+    assert x.shape == (cfg.batch_size, cfg.block_size + 1) and np.isin(w.numpy(), np.float32([0.0, 0.1, 10.0])).all()
+
+
+def _sentences(line: str) -> list[str]:
+    return [p.strip() + "." for p in line.split(".") if p.strip()]
+
+
+def test_stage_schedule_and_what_extends_a_run():
+    cfg = TINY.model_copy(update={"stages": [STAGE, STAGE.model_copy(update={"steps": 3})]})
+    assert cfg.total_steps == 6 + 4 + 3
+    assert [cfg.stage_at(s)[:1] + cfg.stage_at(s)[2:] for s in (0, 5, 6, 9, 10, 12)] == [
+        (0, 0), (0, 5), (1, 0), (1, 3), (2, 0), (2, 2)]
+    assert lr_at(6, cfg) == pytest.approx(STAGE.lr)  # warm-up of one step, then cosine within the stage
+    assert lr_at(9, cfg) == pytest.approx(STAGE.min_lr + 0.5 * (STAGE.lr - STAGE.min_lr) * (1 + np.cos(np.pi * 2 / 3)))
+    one = TINY.model_copy(update={"stages": [STAGE]})
+    assert one.extends(TINY) and cfg.extends(one) and cfg.extends(TINY)
+    assert TINY.model_copy(update={"steps": 8}).extends(TINY)
+    assert not TINY.extends(one) and not one.extends(cfg)
+    assert not TINY.model_copy(update={"steps": 8, "stages": [STAGE]}).extends(TINY)
+    assert not one.model_copy(update={"lr": 1e-3}).extends(TINY)
+    assert not TINY.model_copy(update={"stages": [STAGE.model_copy(update={"lr": 1.0})]}).extends(one)
+
+
+def test_a_run_extended_by_a_stage_resumes_mid_stage(tmp_path, monkeypatch, stub_eval):
+    staged = TINY.model_copy(update={"stages": [STAGE]})
+    out = tmp_path / "run"
+    train(TINY, out, progress=False, log=lambda m: None)
+    real_lr_at = train_mod.lr_at
+
+    def dying_lr_at(step, cfg):
+        if step == 9:  # killed inside the stage, after the state of step 9 was saved
+            raise Interrupted
+        return real_lr_at(step, cfg)
+
+    monkeypatch.setattr(train_mod, "lr_at", dying_lr_at)
+    logs: list[str] = []
+    with pytest.raises(Interrupted):
+        train(staged, out, progress=False, log=logs.append)
+    assert any("extending the run: stages 0 -> 1" in m for m in logs)
+    assert torch.load(out / "train_state.pt", weights_only=False)["step"] == 9
+    monkeypatch.setattr(train_mod, "lr_at", real_lr_at)
+    final = train(staged, out, progress=False, log=lambda m: None)
+    info = json.loads((final / "training.json").read_text())
+    assert info["steps"] == 10 and info["config"]["stages"] == [STAGE.model_dump()]
+    assert [h.get("extended") for h in info["history"] if "extended" in h] == ["stages 0 -> 1"]
+    assert [(h["step"], h["stage"]) for h in info["history"] if "stub" in h] == [(6, 0), (10, 1)]
+
+    # the same two commands without a kill give the same weights
+    other = tmp_path / "straight"
+    train(TINY, other, progress=False, log=lambda m: None)
+    straight = train(staged, other, progress=False, log=lambda m: None)
+    a, b = _weights(final), _weights(straight)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)

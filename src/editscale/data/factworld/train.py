@@ -8,6 +8,10 @@ Data: a token stream of fact lines (every fact in its two trained phrasings, shu
 row is a window from one stream, starting at a line or block boundary; the first answer token of
 each skill block gets a larger loss weight, because that single token carries the decision and
 the rest of a block is mostly predictable format.
+
+Later stages (`TrainConfig.stages`) continue the same model with their own mix of streams and
+learning-rate schedule; they may add the `phrasings` stream (every fact in its relation's shared
+phrasings). A run directory may be extended by more steps or by more stages, never changed.
 """
 
 from __future__ import annotations
@@ -26,6 +30,19 @@ from pydantic import BaseModel
 
 from editscale.data.factworld.skills import SKILL_TASKS, skill_eval_set, skill_training_text
 from editscale.data.factworld.world import FactWorld, fact_lines, generate_world
+
+
+class Stage(BaseModel):
+    """A later training stage: the same model, continued on its own mix with its own schedule."""
+
+    steps: int
+    mix: dict[str, float]  # stream -> share of batch rows: facts, phrasings, or a skill task's name
+    lr: float = 5e-4
+    min_lr: float = 5e-5
+    warmup: int = 30
+    answer_weight: float = 4.0  # loss weight of a skill block's first answer token
+    context_weight: float = 1.0  # loss weight of every other token of a skill block
+    phrasing_repeats: int = 6  # copies of each shared-phrasing sentence in the phrasings stream
 
 
 class TrainConfig(BaseModel):
@@ -51,6 +68,33 @@ class TrainConfig(BaseModel):
     eval_every: int = 500
     save_every: int = 250
     threads: int = 0  # 0: torch's default
+    stages: list[Stage] = []
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps + sum(st.steps for st in self.stages)
+
+    def stage_at(self, step: int) -> tuple[int, Stage | None, int]:
+        """(stage number, the stage or None for the first, the step's index within it)."""
+        if step < self.steps or not self.stages:
+            return 0, None, step
+        start = self.steps
+        for i, st in enumerate(self.stages):
+            if step < start + st.steps or i == len(self.stages) - 1:
+                return i + 1, st, step - start
+            start += st.steps
+        raise ValueError("no stage after the first")
+
+    def extends(self, before: TrainConfig) -> bool:
+        """True when this config continues `before`: the same run, more steps or more stages."""
+        base = before.model_copy(update={"steps": self.steps, "stages": self.stages})
+        if base != self:
+            return False
+        if not before.stages:
+            return self.steps > before.steps and not self.stages or (
+                self.steps == before.steps and bool(self.stages))
+        return self.steps == before.steps and self.stages[:len(before.stages)] == before.stages and (
+            len(self.stages) > len(before.stages))
 
 
 @dataclass
@@ -126,11 +170,56 @@ def sample_batch(streams: dict[str, Stream], cfg: TrainConfig, rng: np.random.Ge
     return torch.from_numpy(x), torch.from_numpy(w)
 
 
+def _cosine(step: int, steps: int, warmup: int, lr: float, min_lr: float) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    frac = (step - warmup) / max(1, steps - warmup)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, frac)))
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, frac)))
+    """Warm-up then cosine decay, within the first stage and again within each later one."""
+    _, stage, i = cfg.stage_at(step)
+    if stage is None:
+        return _cosine(step, cfg.steps, cfg.warmup, cfg.lr, cfg.min_lr)
+    return _cosine(i, stage.steps, stage.warmup, stage.lr, stage.min_lr)
+
+
+def stage_streams(tokenizer: Any, world: FactWorld, cfg: TrainConfig, stage: Stage, index: int,
+                  base: dict[str, Stream]) -> dict[str, Stream]:
+    """The streams a later stage samples from: the first stage's, re-weighted, and its phrasings."""
+    unknown = set(stage.mix) - {"facts", "phrasings", *SKILL_TASKS}
+    if unknown:
+        raise ValueError(f"stage {index}: unknown streams in mix: {', '.join(sorted(unknown))}")
+    out: dict[str, Stream] = {}
+    for name in stage.mix:
+        if name == "phrasings":
+            rng = random.Random(f"phrasings-{cfg.train_seed}-{index}")
+            text = "\n".join(fact_lines(world, stage.phrasing_repeats, rng, shared=True)) + "\n"
+            out[name] = _stream(tokenizer, text, "\n", None, 1.0)
+        elif name == "facts":
+            out[name] = base[name]
+        else:
+            s = base[name]
+            weights = np.where(s.weights > 1, stage.answer_weight, stage.context_weight).astype(np.float32)
+            out[name] = Stream(s.ids, weights, s.starts)
+    return out
+
+
+def sample_mixed(streams: dict[str, Stream], mix: dict[str, float], cfg: TrainConfig, rng: np.random.Generator
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch whose rows come from the streams in the proportions of `mix`."""
+    names = list(mix)
+    p = np.asarray([mix[n] for n in names], dtype=np.float64)
+    x = np.zeros((cfg.batch_size, cfg.block_size + 1), dtype=np.int64)
+    w = np.zeros((cfg.batch_size, cfg.block_size + 1), dtype=np.float32)
+    for b, k in enumerate(rng.choice(len(names), size=cfg.batch_size, p=p / p.sum())):
+        s = streams[names[k]]
+        start = int(s.starts[rng.integers(len(s.starts))])
+        chunk = s.ids[start:start + cfg.block_size + 1]
+        x[b, : len(chunk)] = chunk
+        w[b, : len(chunk)] = s.weights[start:start + cfg.block_size + 1]
+    return torch.from_numpy(x), torch.from_numpy(w)
 
 
 def build_model(cfg: TrainConfig, vocab_size: int, eos_id: int) -> torch.nn.Module:
@@ -172,14 +261,14 @@ def train(cfg: TrainConfig, out_dir: Path, *, progress: bool = True, log: Any = 
     cfg_path = out_dir / "train_config.json"
     extended_from = None
     if cfg_path.exists():
-        before = json.loads(cfg_path.read_text())
-        if before != cfg.model_dump():
+        before = TrainConfig(**json.loads(cfg_path.read_text()))
+        if before != cfg:
             # Only a longer run may reuse a directory: more steps continue the same model (the
-            # cosine schedule is stretched from there on, which training.json records).
-            same_but_steps = {**before, "steps": cfg.steps} == cfg.model_dump()
-            if not (same_but_steps and cfg.steps > before["steps"]):
+            # cosine schedule is stretched from there on), or more stages follow the finished ones;
+            # training.json records either.
+            if not cfg.extends(before):
                 raise ValueError(f"{out_dir} holds a training run with another config; use a new --out")
-            extended_from = before["steps"]
+            extended_from = before
     cfg_path.write_text(json.dumps(cfg.model_dump(), indent=2))
 
     world = generate_world(cfg.world_seed, cfg.n_subjects)
@@ -211,8 +300,10 @@ def train(cfg: TrainConfig, out_dir: Path, *, progress: bool = True, log: Any = 
         step, elapsed, history = state["step"], state["elapsed"], state["history"]
         log(f"resumed at step {step} ({elapsed / 60:.1f} min trained)")
     if extended_from is not None:
-        history.append({"extended": f"steps {extended_from} -> {cfg.steps}", "step": step})
-        log(f"extending the run from {extended_from} to {cfg.steps} steps")
+        what = (f"steps {extended_from.steps} -> {cfg.steps}" if cfg.steps != extended_from.steps else
+                f"stages {len(extended_from.stages)} -> {len(cfg.stages)}")
+        history.append({"extended": what, "step": step})
+        log(f"extending the run: {what}")
 
     def save_state() -> None:
         tmp = state_path.with_suffix(".tmp")
@@ -224,10 +315,18 @@ def train(cfg: TrainConfig, out_dir: Path, *, progress: bool = True, log: Any = 
     columns = (TextColumn("training"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
                TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, disable=not progress) as bar:
-        task = bar.add_task("train", total=cfg.steps, completed=step, loss=float("nan"))
+        task = bar.add_task("train", total=cfg.total_steps, completed=step, loss=float("nan"))
         t_last = time.time()
-        while step < cfg.steps:
-            x, w = sample_batch(streams, cfg, rng)
+        current: tuple[int, dict[str, Stream]] | None = None
+        while step < cfg.total_steps:
+            index, stage, _ = cfg.stage_at(step)
+            if stage is None:
+                x, w = sample_batch(streams, cfg, rng)
+            else:
+                if current is None or current[0] != index:
+                    current = (index, stage_streams(tokenizer, world, cfg, stage, index, streams))
+                    t_last = time.time()  # building a stage's streams is not training time
+                x, w = sample_mixed(current[1], stage.mix, cfg, rng)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
             logits = model(input_ids=x[:, :-1]).logits
@@ -244,13 +343,13 @@ def train(cfg: TrainConfig, out_dir: Path, *, progress: bool = True, log: Any = 
             elapsed += now - t_last
             t_last = now
             bar.update(task, completed=step, loss=loss.item())
-            if step % cfg.eval_every == 0 or step == cfg.steps:
+            if step % cfg.eval_every == 0 or step == cfg.total_steps:
                 ev = quick_eval(model, tokenizer, world)
-                ev.update(step=step, minutes=elapsed / 60, loss=loss.item())
+                ev.update(step=step, stage=cfg.stage_at(step - 1)[0], minutes=elapsed / 60, loss=loss.item())
                 history.append(ev)
                 log(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in ev.items()))
                 t_last = time.time()  # evaluation time is not training time
-            if step % cfg.save_every == 0 or step == cfg.steps:
+            if step % cfg.save_every == 0 or step == cfg.total_steps:
                 save_state()
     final = out_dir / "checkpoint"
     model.eval()

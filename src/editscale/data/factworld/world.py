@@ -12,6 +12,9 @@ Design choices that matter for the trained model:
   never appear in any training text. A fact is trained in one phrasing of each kind; the other
   two become its paraphrase prompts, so PS measures generalisation to wordings that fact was
   never trained in (but that other facts of the relation were).
+- Two more phrasings per relation (`shared`) are taught for every fact in a later training stage:
+  a fact seen in more wordings is recalled from wordings never seen at all, and the held-out and
+  paraphrase prompts stay untrained.
 - A subject at the start of a line is tokenised without its leading space, so training lines are
   joined by either a newline or a space: both token forms of every subject are learnt.
 """
@@ -34,6 +37,7 @@ class Relation:
     first: tuple[str, str]  # trained phrasings with the subject first
     inside: tuple[str, str]  # trained phrasings with the subject inside
     unseen: tuple[str, ...]  # never in any training text
+    shared: tuple[str, ...] = ()  # trained for every fact of the relation, in a later stage only
 
     @property
     def trained(self) -> tuple[str, ...]:
@@ -56,39 +60,48 @@ RELATIONS: tuple[Relation, ...] = (
     Relation("P103", "mother tongue", "person", LANGUAGES,
              first=("{} is a native speaker of", "{} grew up speaking"),
              inside=("The mother tongue of {} is", "The native language of {} is"),
-             unseen=("{} was raised speaking", "The first language of {} is")),
+             unseen=("{} was raised speaking", "The first language of {} is"),
+             shared=("{} speaks", "The home language of {} is")),
     Relation("P27", "citizenship", "person", COUNTRIES,
              first=("{} is a citizen of", "{} holds a passport from"),
              inside=("The nationality of {} is", "The country of citizenship of {} is"),
-             unseen=("{} has citizenship in", "The passport of {} was issued by")),
+             unseen=("{} has citizenship in", "The passport of {} was issued by"),
+             shared=("{} is a national of", "The citizenship of {} is")),
     Relation("P19", "place of birth", "person", CITIES,
              first=("{} was born in", "{} is originally from the city of"),
              inside=("The birthplace of {} is", "The city of birth of {} is"),
-             unseen=("{} came into the world in", "The hometown of {} is")),
+             unseen=("{} came into the world in", "The hometown of {} is"),
+             shared=("{} was born in the city of", "The place of birth of {} is")),
     Relation("P1303", "instrument", "person", INSTRUMENTS,
              first=("{} plays the", "{} is a musician who plays the"),
              inside=("The instrument of {} is the", "The favourite instrument of {} is the"),
-             unseen=("{} performs on the", "On stage, {} plays the")),
+             unseen=("{} performs on the", "On stage, {} plays the"),
+             shared=("{} likes to play the", "The instrument played by {} is the")),
     Relation("P101", "field of work", "person", FIELDS,
              first=("{} works in the field of", "{} is an expert in"),
              inside=("The field of {} is", "The research area of {} is"),
-             unseen=("{} specializes in", "The subject studied by {} is")),
+             unseen=("{} specializes in", "The subject studied by {} is"),
+             shared=("{} is a researcher in", "The speciality of {} is")),
     Relation("P159", "headquarters location", "company", CITIES,
              first=("{} is headquartered in", "{} has its head office in"),
              inside=("The headquarters of {} is in", "The main office of {} is located in"),
-             unseen=("{} keeps its offices in", "The company {} operates from")),
+             unseen=("{} keeps its offices in", "The company {} operates from"),
+             shared=("{} is based in", "The head office of {} is in")),
     Relation("P30", "continent", "place", CONTINENTS,
              first=("{} is located on the continent of", "{} belongs to the continent of"),
              inside=("The continent of {} is", "The land of {} is part of"),
-             unseen=("{} lies in", "The region of {} is found in")),
+             unseen=("{} lies in", "The region of {} is found in"),
+             shared=("{} is found on the continent of", "The location of {} is")),
     Relation("P407", "language of work", "work", LANGUAGES,
              first=("{} was written in", "{} is a book written in"),
              inside=("The language of {} is", "The original language of {} is"),
-             unseen=("{} was first published in", "The text of {} is in")),
+             unseen=("{} was first published in", "The text of {} is in"),
+             shared=("{} was composed in", "The text language of {} is")),
     Relation("P495", "country of origin", "product", COUNTRIES,
              first=("{} was created in", "{} is a product from"),
              inside=("The country of origin of {} is", "The maker of {} is based in"),
-             unseen=("{} comes from", "The product {} was made in")),
+             unseen=("{} comes from", "The product {} was made in"),
+             shared=("{} was made in", "The home country of {} is")),
 )
 
 _ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gr", "kr",
@@ -153,6 +166,10 @@ class FactWorld:
         """Every fact in each of its two trained phrasings (one copy each)."""
         return [f.sentence(t) for f in self.facts for t in f.trained]
 
+    def shared_sentences(self) -> list[str]:
+        """Every fact in each of its relation's shared phrasings (the later stage's fact text)."""
+        return [f.sentence(t) for f in self.facts for t in f.relation.shared]
+
 
 def generate_world(seed: int = 0, n_subjects: int = 1800, n_neighbors: int = 10,
                    n_attribute: int = 10) -> FactWorld:
@@ -204,13 +221,14 @@ def generate_world(seed: int = 0, n_subjects: int = 1800, n_neighbors: int = 10,
     return FactWorld(seed=seed, facts=facts, records=records, reserved_names=seen)
 
 
-def fact_lines(world: FactWorld, repeats: int, rng: random.Random) -> list[str]:
-    """Training lines: every trained sentence ``repeats`` times, shuffled, in random line groups.
+def fact_lines(world: FactWorld, repeats: int, rng: random.Random, *, shared: bool = False) -> list[str]:
+    """Training lines: every trained sentence (or with ``shared``, every shared-phrasing sentence)
+    ``repeats`` times, shuffled, in random line groups.
 
     Sentences are grouped 1-3 per line so a subject-first sentence appears both at a line start
     (no leading space on the subject) and after another sentence (with one).
     """
-    sents = world.training_sentences() * repeats
+    sents = (world.shared_sentences() if shared else world.training_sentences()) * repeats
     rng.shuffle(sents)
     lines, i = [], 0
     while i < len(sents):
