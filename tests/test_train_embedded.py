@@ -57,6 +57,20 @@ class Interrupted(Exception):
     pass
 
 
+def kill_before(monkeypatch, step: int):
+    """Make training die as it starts `step` (after the state of the step before was saved);
+    return the real lr_at so that a test can put it back and resume."""
+    real_lr_at = train_mod.lr_at
+
+    def dying_lr_at(s, cfg):
+        if s == step:
+            raise Interrupted
+        return real_lr_at(s, cfg)
+
+    monkeypatch.setattr(train_mod, "lr_at", dying_lr_at)
+    return real_lr_at
+
+
 def _decoded_ends(tok, ids: np.ndarray) -> list[str]:
     """The decoded text before each token, and the full text, from per-token decoding (byte-level, ASCII)."""
     pieces = [tok.decode([int(i)]) for i in ids]
@@ -140,14 +154,7 @@ def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
 
 def test_train_writes_a_checkpoint_and_resumes_after_a_kill(tmp_path, monkeypatch, stub_eval):
     out = tmp_path / "run"
-    real_lr_at = train_mod.lr_at
-
-    def dying_lr_at(step, cfg):
-        if step == 3:  # the process is killed while starting step 4, after the state of step 3 was saved
-            raise Interrupted
-        return real_lr_at(step, cfg)
-
-    monkeypatch.setattr(train_mod, "lr_at", dying_lr_at)
+    real_lr_at = kill_before(monkeypatch, 3)  # killed while starting step 4, after step 3's state was saved
     logs: list[str] = []
     with pytest.raises(Interrupted):
         train(TINY, out, progress=False, log=logs.append)
@@ -285,14 +292,7 @@ def test_a_run_extended_by_a_stage_resumes_mid_stage(tmp_path, monkeypatch, stub
     staged = TINY.model_copy(update={"stages": [STAGE]})
     out = tmp_path / "run"
     train(TINY, out, progress=False, log=lambda m: None)
-    real_lr_at = train_mod.lr_at
-
-    def dying_lr_at(step, cfg):
-        if step == 9:  # killed inside the stage, after the state of step 9 was saved
-            raise Interrupted
-        return real_lr_at(step, cfg)
-
-    monkeypatch.setattr(train_mod, "lr_at", dying_lr_at)
+    real_lr_at = kill_before(monkeypatch, 9)  # killed inside the stage, after step 9's state was saved
     logs: list[str] = []
     with pytest.raises(Interrupted):
         train(staged, out, progress=False, log=logs.append)
