@@ -20,6 +20,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,26 +76,26 @@ class TrainConfig(BaseModel):
         return self.steps + sum(st.steps for st in self.stages)
 
     def stage_at(self, step: int) -> tuple[int, Stage | None, int]:
-        """(stage number, the stage or None for the first, the step's index within it)."""
+        """(stage number, the stage or None for the first, the step's index within it); a step past
+        the end belongs to the last stage."""
         if step < self.steps or not self.stages:
             return 0, None, step
         start = self.steps
-        for i, st in enumerate(self.stages):
-            if step < start + st.steps or i == len(self.stages) - 1:
-                return i + 1, st, step - start
+        for i, st in enumerate(self.stages, start=1):
+            if step < start + st.steps or i == len(self.stages):
+                return i, st, step - start
             start += st.steps
-        raise ValueError("no stage after the first")
+        raise AssertionError("unreachable: the last stage takes every later step")
 
     def extends(self, before: TrainConfig) -> bool:
-        """True when this config continues `before`: the same run, more steps or more stages."""
-        base = before.model_copy(update={"steps": self.steps, "stages": self.stages})
-        if base != self:
+        """True when this config continues `before`: the same run with more first-stage steps (and no
+        stages yet), or the same steps and stages followed by more stages."""
+        if before.model_copy(update={"steps": self.steps, "stages": self.stages}) != self:
             return False
-        if not before.stages:
-            return self.steps > before.steps and not self.stages or (
-                self.steps == before.steps and bool(self.stages))
-        return self.steps == before.steps and self.stages[:len(before.stages)] == before.stages and (
-            len(self.stages) > len(before.stages))
+        more_steps = not before.stages and not self.stages and self.steps > before.steps
+        n = len(before.stages)
+        more_stages = self.steps == before.steps and len(self.stages) > n and self.stages[:n] == before.stages
+        return more_steps or more_stages
 
 
 @dataclass
@@ -156,18 +157,31 @@ def build_streams(tokenizer: Any, world: FactWorld, cfg: TrainConfig) -> dict[st
     return streams
 
 
-def sample_batch(streams: dict[str, Stream], cfg: TrainConfig, rng: np.random.Generator
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    skill_names = [n for n in streams if n != "facts"]
+def _windows(pick: Callable[[int], Stream], cfg: TrainConfig, rng: np.random.Generator
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of windows: row b from stream `pick(b)`, starting at a random line or block start."""
     x = np.zeros((cfg.batch_size, cfg.block_size + 1), dtype=np.int64)
     w = np.zeros((cfg.batch_size, cfg.block_size + 1), dtype=np.float32)
     for b in range(cfg.batch_size):
-        s = streams["facts"] if rng.random() < cfg.fact_share else streams[skill_names[rng.integers(len(skill_names))]]
+        s = pick(b)
         start = int(s.starts[rng.integers(len(s.starts))])
         chunk = s.ids[start:start + cfg.block_size + 1]
         x[b, : len(chunk)] = chunk
         w[b, : len(chunk)] = s.weights[start:start + cfg.block_size + 1]
     return torch.from_numpy(x), torch.from_numpy(w)
+
+
+def sample_batch(streams: dict[str, Stream], cfg: TrainConfig, rng: np.random.Generator
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first stage's batch: a row is facts with probability fact_share, else a random skill."""
+    skill_names = [n for n in streams if n != "facts"]
+
+    def pick(_: int) -> Stream:
+        if rng.random() < cfg.fact_share:
+            return streams["facts"]
+        return streams[skill_names[rng.integers(len(skill_names))]]
+
+    return _windows(pick, cfg, rng)
 
 
 def _cosine(step: int, steps: int, warmup: int, lr: float, min_lr: float) -> float:
@@ -208,18 +222,14 @@ def stage_streams(tokenizer: Any, world: FactWorld, cfg: TrainConfig, stage: Sta
 
 def sample_mixed(streams: dict[str, Stream], mix: dict[str, float], cfg: TrainConfig, rng: np.random.Generator
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch whose rows come from the streams in the proportions of `mix`."""
+    """A later stage's batch: rows come from the streams in the proportions of `mix`.
+
+    (The first stage keeps `sample_batch`, whose random draws the shipped checkpoint was trained on.)
+    """
     names = list(mix)
     p = np.asarray([mix[n] for n in names], dtype=np.float64)
-    x = np.zeros((cfg.batch_size, cfg.block_size + 1), dtype=np.int64)
-    w = np.zeros((cfg.batch_size, cfg.block_size + 1), dtype=np.float32)
-    for b, k in enumerate(rng.choice(len(names), size=cfg.batch_size, p=p / p.sum())):
-        s = streams[names[k]]
-        start = int(s.starts[rng.integers(len(s.starts))])
-        chunk = s.ids[start:start + cfg.block_size + 1]
-        x[b, : len(chunk)] = chunk
-        w[b, : len(chunk)] = s.weights[start:start + cfg.block_size + 1]
-    return torch.from_numpy(x), torch.from_numpy(w)
+    rows = rng.choice(len(names), size=cfg.batch_size, p=p / p.sum())
+    return _windows(lambda b: streams[names[rows[b]]], cfg, rng)
 
 
 def build_model(cfg: TrainConfig, vocab_size: int, eos_id: int) -> torch.nn.Module:
