@@ -12,8 +12,10 @@ from editscale.data.factworld.skills import (
     NEGATIVE,
     POSITIVE,
     SKILL_TASKS,
+    Draw,
     _scramble,
     acceptability_example,
+    entailment_example,
     fresh_namer,
     paraphrase_example,
     skill_eval_set,
@@ -191,8 +193,8 @@ def test_scrambled_sentences_use_the_same_words_in_another_order():
     n_checked = 0
     for k in range(400):
         # the same seeds give the same sentence; label 0 then scrambles it
-        good, y1 = acceptability_example(random.Random(k), 1, fresh_namer(random.Random(-k), set()))
-        bad, y0 = acceptability_example(random.Random(k), 0, fresh_namer(random.Random(-k), set()))
+        good, y1 = acceptability_example(Draw(random.Random(k), set()), 1)
+        bad, y0 = acceptability_example(Draw(random.Random(k), set()), 0)
         assert (y1, y0) == (1, 0)
         s, t = good["sentence"], bad["sentence"]
         assert t != s
@@ -232,12 +234,12 @@ def _parse_fact(sentence: str):
 
 
 def test_paraphrase_examples():
-    names = fresh_namer(random.Random(1), set())
-    rng = random.Random(2)
+    draw = Draw(random.Random(2), set())
     seen = Counter()
     for k in range(300):
         y = k % 2
-        fields, label = paraphrase_example(rng, y, names)
+        fields, label = paraphrase_example(draw, y)
+        draw.end_block()
         assert label == y
         r1, t1, s1, o1 = _parse_fact(fields["sentence1"])
         r2, t2, s2, o2 = _parse_fact(fields["sentence2"])
@@ -248,6 +250,39 @@ def test_paraphrase_examples():
             assert (s1, o1) != (s2, o2)  # another object or another subject
             seen["object" if o1 != o2 else "subject"] += 1
     assert seen["object"] > 0 and seen["subject"] > 0
+
+
+def _objects(fields: dict[str, str]) -> set[str]:
+    sentences = [p for text in fields.values() for p in text.rstrip(".").split(". ")]
+    return {_parse_fact(p)[3] for p in sentences}
+
+
+def _object_words(objects: set[str]) -> set[str]:
+    return {w for o in objects for w in o.split()}
+
+
+@pytest.mark.parametrize("task", ["paraphrase", "entailment"])
+def test_comparison_examples_never_reuse_a_demonstration_object(eval_sets, task):
+    # otherwise "was this object mentioned before?" would not decide the example (module docstring)
+    es = eval_sets[task]
+    demo_words = _object_words(set().union(*(_objects(f) for f, _ in es.demos)))
+    for fields, _ in es.examples:
+        assert not _object_words(_objects(fields)) & demo_words, fields
+
+
+@pytest.mark.parametrize("make", [paraphrase_example, entailment_example])
+def test_training_blocks_avoid_the_objects_of_recent_blocks(make):
+    draw = Draw(random.Random(3), set(), memory=4)
+    history: list[set[str]] = []
+    for k in range(400):
+        fields, _ = make(draw, k % 2)
+        draw.end_block()
+        words = _object_words(_objects(fields))
+        for earlier in history[-4:]:
+            assert not words & earlier, (k, fields)
+        history.append(words)
+    # further back, objects come round again: the pools are small
+    assert any(history[k] & history[k - 6] for k in range(6, len(history)))
 
 
 def test_entailment_examples(eval_sets):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +134,81 @@ def test_sample_batch_rows_are_windows_of_a_stream(small_streams):
         n = len(streams[name].ids[st:st + len(row)])
         assert np.array_equal(wrow[:n], streams[name].weights[st:st + n])
         assert np.all(wrow[n:] == 0)  # padding past a stream's end is never trained on
+
+
+def test_skill_mix_sets_the_share_of_each_skill(small_streams):
+    cfg, _, _, _, streams = small_streams
+    mix = {name: 0.0 for name in SKILL_TASKS} | {"paraphrase": 3.0, "entailment": 1.0}
+    mixed = cfg.model_copy(update={"skill_mix": mix, "batch_size": 400, "block_size": 23})
+    x, _ = sample_batch(streams, mixed, np.random.default_rng(0))
+    windows = {name: {tuple(s.ids[st:st + 24]) for st in s.starts} for name, s in streams.items()}
+    counts = {name: sum(tuple(row) in w for row in x.numpy().tolist()) for name, w in windows.items()}
+    assert sum(counts.values()) == 400  # each row is a window of exactly one stream
+    assert counts["sentiment"] == counts["acceptability"] == 0
+    assert counts["facts"] > 100 and 2 * counts["entailment"] < counts["paraphrase"]
+    with pytest.raises(ValueError, match="skill_mix needs a share"):
+        TrainConfig(skill_mix={"paraphrase": 1.0})
+
+
+def test_recall_drill_is_a_stream_answered_at_every_item(small_streams):
+    cfg, tok, _, _, _ = small_streams
+    drilled = cfg.model_copy(update={"recall_lines": 12})
+    world = generate_world(cfg.world_seed, cfg.n_subjects)
+    streams = build_streams(tok, world, drilled)
+    s = streams["recall"]
+    before = _decoded_ends(tok, s.ids)
+    answered = np.flatnonzero(s.weights > 1)
+    text = before[-1]
+    # the weighted token starts the answer word (a tiny tokenizer may split the word itself)
+    assert {text[len(before[i]):].split(" ,")[0].split("\n")[0] for i in answered} == {" seen", " new"}
+    assert len(answered) == before[-1].count(" : ")
+    with pytest.raises(ValueError, match="skill_mix needs a share >= 0 for each of .*recall"):
+        TrainConfig(recall_lines=5, skill_mix={name: 1.0 for name in SKILL_TASKS})
+    TrainConfig(recall_lines=5, skill_mix={name: 1.0 for name in [*SKILL_TASKS, "recall"]})
+
+
+def test_recall_drill_answers_follow_the_list():
+    from editscale.data.factworld.skills import recall_drill_text
+
+    text = recall_drill_text(random.Random(0), set(), 50)
+    assert text == recall_drill_text(random.Random(0), set(), 50)
+    lines = text.split("\n\n")[:-1]
+    assert len(lines) == 50
+    previous: set[str] = set()
+    for line in lines:
+        seen: list[str] = []
+        for entry in line.split(" , "):
+            item, answer = entry.rsplit(" : ", 1)
+            assert answer == ("seen" if item in seen else "new"), line
+            assert not (answer == "new" and item in previous)  # a new item is not from the list before
+            seen.append(item)
+        previous = set(seen)
+
+
+def test_train_config_from_yaml(tmp_path):
+    from editscale.data.factworld.train import load_train_config
+    from editscale.errors import EditscaleError
+
+    good = tmp_path / "probe.yaml"
+    good.write_text("fact_share: 0.0\nsteps: 40\nstages:\n  - {steps: 5, mix: {facts: 1.0}}\n")
+    cfg = load_train_config(good, TINY)
+    assert (cfg.fact_share, cfg.steps, cfg.n_embd, cfg.stages[0].steps) == (0.0, 40, TINY.n_embd, 5)
+    bad = tmp_path / "typo.yaml"
+    bad.write_text("fact_shares: 0.0\n")
+    with pytest.raises(EditscaleError, match="typo.yaml: invalid TrainConfig: fact_shares"):
+        load_train_config(bad, TINY)
+    bad.write_text("stages:\n  - {steps: 5, mix: {facts: 1.0}, lr_typo: 1}\n")
+    with pytest.raises(EditscaleError, match="stages.0.lr_typo"):
+        load_train_config(bad, TINY)
+
+
+def test_shared_phrasings_join_the_fact_stream():
+    world = generate_world(TINY.world_seed, TINY.n_subjects)
+    plain, _, _ = corpus_texts(world, TINY)
+    both, _, _ = corpus_texts(world, TINY.model_copy(update={"shared_phrasings": True}))
+    sentences = sorted(s for line in both.splitlines() for s in _sentences(line))
+    assert sentences == sorted(world.training_sentences() + world.shared_sentences())
+    assert sorted(s for line in plain.splitlines() for s in _sentences(line)) == sorted(world.training_sentences())
 
 
 def test_lr_schedule():

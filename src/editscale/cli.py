@@ -298,13 +298,18 @@ def validate_data(dataset: Annotated[str, typer.Option(help="counterfact, zsre o
 def train_embedded(out: Annotated[Path, typer.Option(help="Work directory (resumable).")] = Path(
                        "work_dirs/embedded"),
                    steps: Annotated[int | None, typer.Option(help="Override the number of steps.")] = None,
+                   config: Annotated[Path | None, typer.Option(
+                       help="YAML of TrainConfig fields that override the shipped recipe (e.g. a probe of "
+                            "one skill: fact_share, skill_mix, steps, threads).")] = None,
                    install: Annotated[bool, typer.Option(help="Copy the result into the package.")] = False
                    ) -> None:
     """Train the embedded default model from scratch (rerun the same command to resume)."""
     from editscale.data.factworld.card import install_checkpoint
-    from editscale.data.factworld.train import EMBEDDED_CONFIG, train
+    from editscale.data.factworld.train import EMBEDDED_CONFIG, load_train_config, train
 
-    cfg = EMBEDDED_CONFIG if steps is None else EMBEDDED_CONFIG.model_copy(update={"steps": steps})
+    cfg = EMBEDDED_CONFIG if config is None else load_train_config(config, EMBEDDED_CONFIG)
+    if steps is not None:
+        cfg = cfg.model_copy(update={"steps": steps})
     final = train(cfg, out, log=console.print)
     console.print(f"checkpoint written to {final}")
     if install:

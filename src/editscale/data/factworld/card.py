@@ -84,10 +84,13 @@ def write_model_card(model_dir: Path, *, device: str = "cpu") -> Path:
         "## Data",
         f"- fact world seed {tc['world_seed']} ({DEFAULT_N_SUBJECTS} subjects, one fact each, 9 relations; "
         f"editscale.data.factworld uses seed {DEFAULT_WORLD_SEED})",
-        f"- corpus seed {tc['train_seed']}; each fact trained in 2 of its relation's 4 trained phrasings, "
-        "never in its 2 paraphrase phrasings; 2 more phrasings per relation never appear in training",
+        f"- corpus seed {tc['train_seed']}; each fact trained in 2 of its relation's 4 trained phrasings"
+        + (" and in the relation's 2 shared phrasings" if tc.get("shared_phrasings") else "")
+        + ", never in its 2 paraphrase phrasings; 2 more phrasings per relation never appear in training",
         "- skill tasks: sentiment (SST-2 format), paraphrase (MRPC), acceptability (CoLA), entailment (RTE),"
-        " trained as runs of answered few-shot blocks about invented subjects outside the world",
+        " trained as runs of answered few-shot blocks about invented subjects outside the world"
+        + (f", in shares {_shares(tc['skill_mix'])} of the skill rows" if tc.get("skill_mix") else ""),
+        f"- {tc['fact_share']:.0%} of batch rows are fact lines, the rest skill blocks",
         "",
         "## Training",
         "- command: `editscale train-embedded --out work_dirs/embedded --install` (resumable: rerun it),"
@@ -95,7 +98,8 @@ def write_model_card(model_dir: Path, *, device: str = "cpu") -> Path:
         f"- {training['steps']} steps, batch {tc['batch_size']} x {tc['block_size']} tokens, AdamW lr {tc['lr']}"
         f" cosine to {tc['min_lr']}, answer-token loss weight {tc['answer_weight']}",
         f"- training time: {training['train_minutes']} minutes on {platform.machine()} CPU, "
-        f"{torch.get_num_threads()} threads (measured by the training loop, evaluation excluded)",
+        + (f"{training['threads']} threads" if "threads" in training else "thread count not recorded")
+        + " (measured by the training loop, evaluation excluded)",
         "",
         "## Measured figures",
         "Facts: share of prompts on which the true object is likelier than the counterfactual one",
@@ -119,6 +123,11 @@ def write_model_card(model_dir: Path, *, device: str = "cpu") -> Path:
     path = model_dir / "MODEL_CARD.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _shares(mix: dict[str, float]) -> str:
+    total = sum(mix.values())
+    return ", ".join(f"{k} {v / total:.0%}" for k, v in mix.items())
 
 
 def _sweep_section(path: Path) -> list[str]:

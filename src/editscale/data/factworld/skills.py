@@ -12,15 +12,23 @@ that loss of skill under editing is measured the way the paper measures GLUE:
 
 Skill examples name freshly invented subjects, never the world's own, so that training them
 cannot teach or contradict a world fact.
+
+The two comparison tasks (paraphrase, entailment) are decided by comparing the two parts of one
+example: "were the second part's name and object mentioned in the first?". With 7-12 objects per
+relation, an example's object would otherwise often be mentioned in a demonstration before it as
+well, and then "mentioned before" would not decide the example. So examples draw their objects
+through `Draw`, which keeps the objects of recent blocks (in training text) or of the
+demonstrations (in an evaluation prompt) out of the next example.
 """
 
 from __future__ import annotations
 
 import random
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from editscale.data.factworld.world import RELATIONS, make_name
+from editscale.data.factworld.world import RELATIONS, Relation, make_name
 from editscale.eval.downstream.templates import (
     COLA_FORMAT,
     MRPC_FORMAT,
@@ -31,6 +39,52 @@ from editscale.eval.downstream.templates import (
 
 Fields = dict[str, str]
 Example = tuple[Fields, int]
+
+
+class Draw:
+    """The random source of skill examples: fresh subject names, and relation objects that share no
+    word with the objects of the last `memory` blocks (or, once `freeze()` is called, with those of
+    the blocks drawn so far: a prompt's demonstrations)."""
+
+    def __init__(self, rng: random.Random, reserved: set[str], memory: int = 10):
+        self.rng = rng
+        self.name = fresh_namer(rng, reserved)
+        self._recent: deque[set[str]] = deque(maxlen=memory)
+        self._block: set[str] = set()
+        self._frozen: set[str] | None = None
+
+    def _used(self) -> set[str]:
+        used = set(self._block)
+        for words in (self._recent if self._frozen is None else (self._frozen,)):
+            used |= words
+        return used
+
+    def _free(self, rel: Relation) -> list[str]:
+        used = self._used()
+        return [o for o in rel.objects if not used & set(o.split())]
+
+    def relation(self, k: int, exclude: tuple[Relation, ...] = ()) -> Relation:
+        """A random relation with at least k objects free to draw (any relation if none has)."""
+        ok = [r for r in RELATIONS if r not in exclude and len(self._free(r)) >= k]
+        return self.rng.choice(ok or [r for r in RELATIONS if r not in exclude])
+
+    def objects(self, rel: Relation, k: int) -> list[str]:
+        """k distinct objects of `rel`, none sharing a word with a recent block's objects."""
+        free = self._free(rel)
+        picked = self.rng.sample(free if len(free) >= k else list(rel.objects), k)
+        for o in picked:
+            self._block |= set(o.split())
+        return picked
+
+    def end_block(self) -> None:
+        if self._frozen is None:
+            self._recent.append(self._block)
+        self._block = set()
+
+    def freeze(self) -> None:
+        """From now on every block avoids the objects drawn so far, and only those."""
+        self._frozen = set().union(*self._recent, self._block)
+        self._block = set()
 
 POSITIVE = ("wonderful", "moving", "brilliant", "charming", "delightful", "funny", "gripping", "beautiful",
             "clever", "warm", "superb", "engaging", "fresh", "touching", "stunning", "smart", "lively",
@@ -77,8 +131,8 @@ def _review(rng: random.Random, label: int) -> str:
     return rng.choice(_REVIEW_PATTERNS).format(a=a, a2=a2, a3=a3, n=n, n2=n2, i=rng.choice(_INTENSIFIERS))
 
 
-def sentiment_example(rng: random.Random, label: int, names: Callable[[], str]) -> Example:
-    return {"sentence": _review(rng, label)}, label
+def sentiment_example(draw: Draw, label: int) -> Example:
+    return {"sentence": _review(draw.rng, label)}, label
 
 
 def _plain_sentence(rng: random.Random) -> str:
@@ -109,39 +163,38 @@ def _scramble(rng: random.Random, sentence: str) -> str:
     return out[0].upper() + out[1:]
 
 
-def acceptability_example(rng: random.Random, label: int, names: Callable[[], str]) -> Example:
-    s = _plain_sentence(rng) if rng.random() < 0.6 else _fact_sentence(rng, names())
+def acceptability_example(draw: Draw, label: int) -> Example:
+    rng = draw.rng
+    s = _plain_sentence(rng) if rng.random() < 0.6 else _fact_sentence(rng, draw.name())
     return {"sentence": s if label == 1 else _scramble(rng, s)}, label
 
 
-def _two_wordings(rng: random.Random, rel_index: int | None = None) -> tuple[object, str, str]:
-    rel = RELATIONS[rel_index] if rel_index is not None else rng.choice(RELATIONS)
+def paraphrase_example(draw: Draw, label: int) -> Example:
+    rng = draw.rng
+    rel = draw.relation(2)
     t1, t2 = rng.sample(rel.trained, 2)
-    return rel, t1, t2
-
-
-def paraphrase_example(rng: random.Random, label: int, names: Callable[[], str]) -> Example:
-    rel, t1, t2 = _two_wordings(rng)
-    subj, obj = names(), rng.choice(rel.objects)  # type: ignore[attr-defined]
+    subj, (obj, other) = draw.name(), draw.objects(rel, 2)
     subj2, obj2 = subj, obj
     if label == 0:
-        if rng.random() < 0.7:
-            obj2 = rng.choice([o for o in rel.objects if o != obj])  # type: ignore[attr-defined]
+        if rng.random() < 0.75:
+            obj2 = other
         else:
-            subj2 = names()
+            subj2 = draw.name()
     return {"sentence1": f"{t1.format(subj)} {obj}.", "sentence2": f"{t2.format(subj2)} {obj2}."}, label
 
 
-def entailment_example(rng: random.Random, label: int, names: Callable[[], str]) -> Example:
-    i, j = rng.sample(range(len(RELATIONS)), 2)
-    (rel_a, ta, ta2), (rel_b, tb, tb2) = _two_wordings(rng, i), _two_wordings(rng, j)
-    sa, sb = names(), names()
-    oa, ob = rng.choice(rel_a.objects), rng.choice(rel_b.objects)  # type: ignore[attr-defined]
+def entailment_example(draw: Draw, label: int) -> Example:
+    rng = draw.rng
+    rel_a = draw.relation(2)
+    oa, other_a = draw.objects(rel_a, 2)
+    rel_b = draw.relation(2, exclude=(rel_a,))  # chosen after rel_a's objects are taken
+    ob, other_b = draw.objects(rel_b, 2)
+    sa, sb = draw.name(), draw.name()
+    ta, ta2 = rng.sample(rel_a.trained, 2)
+    tb, tb2 = rng.sample(rel_b.trained, 2)
     premise = f"{ta.format(sa)} {oa}. {tb.format(sb)} {ob}."
-    rel, t2, s, o = (rel_a, ta2, sa, oa) if rng.random() < 0.5 else (rel_b, tb2, sb, ob)
-    if label == 0:
-        o = rng.choice([x for x in rel.objects if x != o])  # type: ignore[attr-defined]
-    return {"sentence1": premise, "sentence2": f"{t2.format(s)} {o}"}, label
+    t2, s, o, other = (ta2, sa, oa, other_a) if rng.random() < 0.5 else (tb2, sb, ob, other_b)
+    return {"sentence1": premise, "sentence2": f"{t2.format(s)} {o if label == 1 else other}"}, label
 
 
 @dataclass(frozen=True)
@@ -151,7 +204,7 @@ class SkillTask:
     fmt: FewShotFormat
     n_demos: int
     demo_labels: tuple[int, ...]  # label order of the fixed demonstrations, as in the paper's prompt
-    make: Callable[[random.Random, int, Callable[[], str]], Example]
+    make: Callable[[Draw, int], Example]
 
 
 SKILL_TASKS: dict[str, SkillTask] = {t.name: t for t in (
@@ -185,17 +238,54 @@ class SkillEvalSet:
         return self.task.fmt.render_prompt(self.demos, fields)
 
 
+def _block(task: SkillTask, draw: Draw, label: int) -> Example:
+    example = task.make(draw, label)
+    draw.end_block()
+    return example
+
+
 def skill_eval_set(task: SkillTask, reserved: set[str], n: int = 200, seed: int = 1234) -> SkillEvalSet:
     """A balanced evaluation set (n/2 per label, shuffled) with fixed demonstrations."""
     rng = random.Random(f"{seed}-{task.name}")
-    names = fresh_namer(rng, reserved)
-    demos = tuple(task.make(rng, y, names) for y in task.demo_labels)
-    examples = [task.make(rng, y, names) for y in [0, 1] * (n // 2)]
+    draw = Draw(rng, reserved, memory=task.n_demos)
+    demos = tuple(_block(task, draw, y) for y in task.demo_labels)
+    draw.freeze()  # every query is asked after the same demonstrations, so avoids their objects
+    examples = [_block(task, draw, y) for y in [0, 1] * (n // 2)]
     rng.shuffle(examples)
     return SkillEvalSet(task, demos, tuple(examples))
 
 
 def skill_training_text(task: SkillTask, rng: random.Random, reserved: set[str], n_blocks: int) -> str:
     """A run of answered blocks in the few-shot format; each block serves as a demo for the next."""
+    draw = Draw(rng, reserved)
+    return "".join(task.fmt.render_block(*_block(task, draw, rng.randint(0, 1))) for _ in range(n_blocks))
+
+
+RECALL_MARKER = " :"  # the answer of each recall-drill item follows this marker
+_ALL_OBJECTS = tuple(sorted({o for rel in RELATIONS for o in rel.objects}))
+
+
+def recall_drill_text(rng: random.Random, reserved: set[str], n_lines: int, repeat: float = 0.4) -> str:
+    """Training-only text: lists of names and objects, each item answered `seen` or `new`.
+
+    "Has this name or object been mentioned before?" is what the comparison tasks are decided by,
+    but they teach it through one answer per ~45 tokens, too sparse for a small model to find the
+    circuit on this machine's budget. Here every item is answered, so the model learns it densely
+    and the comparison tasks reuse it. Lists avoid the objects of the list before, as `Draw` does.
+    """
     names = fresh_namer(rng, reserved)
-    return "".join(task.fmt.render_block(*task.make(rng, rng.randint(0, 1), names)) for _ in range(n_blocks))
+    lines, before = [], set()
+    for _ in range(n_lines):
+        items: list[str] = []
+        answered = []
+        for _ in range(rng.randint(6, 12)):
+            if items and rng.random() < repeat:
+                item, answer = rng.choice(items), "seen"
+            else:
+                fresh = [o for o in _ALL_OBJECTS if o not in items and o not in before]
+                item, answer = (rng.choice(fresh) if rng.random() < 0.5 else names()), "new"
+            items.append(item)
+            answered.append(f"{item}{RECALL_MARKER} {answer}")
+        lines.append(" , ".join(answered))
+        before = set(items)
+    return "\n\n".join(lines) + "\n\n"

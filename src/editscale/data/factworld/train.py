@@ -3,11 +3,18 @@
 `editscale train-embedded --out DIR` runs this. It is resumable: the training state is saved to
 DIR/train_state.pt every few hundred steps and picked up again when the same command is rerun.
 
-Data: a token stream of fact lines (every fact in its two trained phrasings, shuffled, grouped
-1-3 sentences a line) and one stream per skill task (runs of answered few-shot blocks). A batch
-row is a window from one stream, starting at a line or block boundary; the first answer token of
-each skill block gets a larger loss weight, because that single token carries the decision and
-the rest of a block is mostly predictable format.
+Data: a token stream of fact lines (every fact in its two trained phrasings, and with
+`shared_phrasings` in its relation's two shared ones too, shuffled, grouped 1-3 sentences a line),
+one stream per skill task (runs of answered few-shot blocks) and, with `recall_lines`, the recall
+drill (lists whose every item is answered `seen` or `new`). A batch row is a window from one
+stream, starting at a line or block boundary: a fact line with probability `fact_share`, else a
+skill stream drawn by `skill_mix`. The first answer token of each skill block (and of each drill
+item) gets a larger loss weight, because that single token carries the decision and the rest of a
+block is mostly predictable format.
+
+A YAML file of TrainConfig fields (`editscale train-embedded --config FILE`) overrides the shipped
+recipe, e.g. to probe on its own whether a skill can be learnt: `fact_share: 0.0` and a
+`skill_mix` that keeps only that skill.
 
 Later stages (`TrainConfig.stages`) continue the same model with their own mix of streams and
 learning-rate schedule; they may add the `phrasings` stream (every fact in its relation's shared
@@ -27,14 +34,23 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from editscale.data.factworld.skills import SKILL_TASKS, skill_eval_set, skill_training_text
+from editscale.data.factworld.skills import (
+    RECALL_MARKER,
+    SKILL_TASKS,
+    recall_drill_text,
+    skill_eval_set,
+    skill_training_text,
+)
 from editscale.data.factworld.world import FactWorld, fact_lines, generate_world
 
 
 class Stage(BaseModel):
     """A later training stage: the same model, continued on its own mix with its own schedule."""
+
+    model_config = ConfigDict(extra="forbid")
 
     steps: int
     mix: dict[str, float]  # stream -> share of batch rows: facts, phrasings, or a skill task's name
@@ -47,6 +63,8 @@ class Stage(BaseModel):
 
 
 class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     world_seed: int = 0
     n_subjects: int = 1800
     train_seed: int = 0
@@ -64,12 +82,23 @@ class TrainConfig(BaseModel):
     weight_decay: float = 0.05
     fact_share: float = 0.5
     fact_repeats: int = 40  # copies of each trained sentence in the fact stream
+    shared_phrasings: bool = False  # the fact stream also holds every fact in its relation's shared phrasings
     skill_blocks: int = 30000  # answered blocks per skill task in its stream
+    recall_lines: int = 0  # lines of the recall drill (skills.recall_drill_text), a stream beside the skills
+    skill_mix: dict[str, float] | None = None  # share of each skill (and "recall") among skill rows; None: equal
     answer_weight: float = 4.0
     eval_every: int = 500
     save_every: int = 250
     threads: int = 0  # 0: torch's default
     stages: list[Stage] = []
+
+    @model_validator(mode="after")
+    def _mix_names_every_stream_once(self) -> TrainConfig:
+        names = [*SKILL_TASKS, *(["recall"] if self.recall_lines else [])]
+        mix = self.skill_mix
+        if mix is not None and (set(mix) != set(names) or min(mix.values()) < 0 or not sum(mix.values())):
+            raise ValueError(f"skill_mix needs a share >= 0 for each of {', '.join(names)} (got {mix})")
+        return self
 
     @property
     def total_steps(self) -> int:
@@ -107,9 +136,12 @@ class Stream:
 
 def corpus_texts(world: FactWorld, cfg: TrainConfig) -> tuple[str, dict[str, str], list[str]]:
     rng = random.Random(f"corpus-{cfg.train_seed}")
-    facts = "\n".join(fact_lines(world, cfg.fact_repeats, rng)) + "\n"
+    phrasings = "both" if cfg.shared_phrasings else "trained"
+    facts = "\n".join(fact_lines(world, cfg.fact_repeats, rng, phrasings=phrasings)) + "\n"
     skills = {name: skill_training_text(task, rng, world.reserved_names, cfg.skill_blocks)
               for name, task in SKILL_TASKS.items()}
+    if cfg.recall_lines:
+        skills["recall"] = recall_drill_text(rng, world.reserved_names, cfg.recall_lines)
     return facts, skills, [facts, *skills.values()]
 
 
@@ -153,7 +185,8 @@ def build_streams(tokenizer: Any, world: FactWorld, cfg: TrainConfig) -> dict[st
     facts, skills, _ = corpus_texts(world, cfg)
     streams = {"facts": _stream(tokenizer, facts, "\n", None, 1.0)}
     for name, text in skills.items():
-        streams[name] = _stream(tokenizer, text, "\n\n", SKILL_TASKS[name].fmt.marker, cfg.answer_weight)
+        marker = RECALL_MARKER if name == "recall" else SKILL_TASKS[name].fmt.marker
+        streams[name] = _stream(tokenizer, text, "\n\n", marker, cfg.answer_weight)
     return streams
 
 
@@ -175,11 +208,14 @@ def sample_batch(streams: dict[str, Stream], cfg: TrainConfig, rng: np.random.Ge
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """The first stage's batch: a row is facts with probability fact_share, else a random skill."""
     skill_names = [n for n in streams if n != "facts"]
+    p = None if cfg.skill_mix is None else np.asarray([cfg.skill_mix[n] for n in skill_names], dtype=np.float64)
 
     def pick(_: int) -> Stream:
         if rng.random() < cfg.fact_share:
             return streams["facts"]
-        return streams[skill_names[rng.integers(len(skill_names))]]
+        if p is None:  # the draws of runs made before skill_mix existed
+            return streams[skill_names[rng.integers(len(skill_names))]]
+        return streams[skill_names[rng.choice(len(skill_names), p=p / p.sum())]]
 
     return _windows(pick, cfg, rng)
 
@@ -202,14 +238,14 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 def stage_streams(tokenizer: Any, world: FactWorld, cfg: TrainConfig, stage: Stage, index: int,
                   base: dict[str, Stream]) -> dict[str, Stream]:
     """The streams a later stage samples from: the first stage's, re-weighted, and its phrasings."""
-    unknown = set(stage.mix) - {"facts", "phrasings", *SKILL_TASKS}
+    unknown = set(stage.mix) - {"phrasings", *base}
     if unknown:
         raise ValueError(f"stage {index}: unknown streams in mix: {', '.join(sorted(unknown))}")
     out: dict[str, Stream] = {}
     for name in stage.mix:
         if name == "phrasings":
             rng = random.Random(f"phrasings-{cfg.train_seed}-{index}")
-            text = "\n".join(fact_lines(world, stage.phrasing_repeats, rng, shared=True)) + "\n"
+            text = "\n".join(fact_lines(world, stage.phrasing_repeats, rng, phrasings="shared")) + "\n"
             out[name] = _stream(tokenizer, text, "\n", None, 1.0)
         elif name == "facts":
             out[name] = base[name]
@@ -232,6 +268,23 @@ def sample_mixed(streams: dict[str, Stream], mix: dict[str, float], cfg: TrainCo
     return _windows(lambda b: streams[names[rows[b]]], cfg, rng)
 
 
+def load_train_config(path: Path, base: TrainConfig) -> TrainConfig:
+    """`base` with the fields a YAML file sets; an unknown or invalid field is an error naming the file."""
+    from editscale.errors import EditscaleError
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise EditscaleError(f"cannot read training config {path}: {err}") from err
+    if not isinstance(data, dict):
+        raise EditscaleError(f"{path}: a training config is a mapping of TrainConfig fields")
+    try:
+        return TrainConfig.model_validate(base.model_dump() | data)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'config'}: {e['msg']}" for e in err.errors())
+        raise EditscaleError(f"{path}: invalid TrainConfig: {problems}") from err
+
+
 def build_model(cfg: TrainConfig, vocab_size: int, eos_id: int) -> torch.nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -242,8 +295,23 @@ def build_model(cfg: TrainConfig, vocab_size: int, eos_id: int) -> torch.nn.Modu
     return GPT2LMHeadModel(config)
 
 
+def recall_accuracy(model: torch.nn.Module, tokenizer: Any, world: FactWorld, n_lines: int = 40) -> float:
+    """Share of held-out recall-drill items answered right (`seen`/`new`, teacher-forced)."""
+    text = recall_drill_text(random.Random("recall-eval"), world.reserved_names, n_lines)
+    hits = total = 0
+    for line in text.split("\n\n")[:-1]:
+        s = _stream(tokenizer, line, "\n\n", RECALL_MARKER, 2.0)
+        ids = torch.as_tensor(s.ids, dtype=torch.long)[None]
+        answers = torch.as_tensor(np.flatnonzero(s.weights > 1))
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0]
+        hits += int((logits[answers - 1].argmax(-1) == ids[0, answers]).sum())
+        total += len(answers)
+    return hits / total
+
+
 def quick_eval(model: torch.nn.Module, tokenizer: Any, world: FactWorld, n_facts: int = 300,
-               n_skill: int = 60) -> dict[str, float]:
+               n_skill: int = 60, recall: bool = False) -> dict[str, float]:
     from editscale.data.factworld.skills import SkillEvalSet
     from editscale.eval.downstream.fewshot import evaluate_fewshot
     from editscale.eval.knowledge import knowledge_scores
@@ -255,7 +323,13 @@ def quick_eval(model: torch.nn.Module, tokenizer: Any, world: FactWorld, n_facts
     out = knowledge_scores(ModelAdapter(model, tokenizer), world.records[:n_facts])
     for name, task in SKILL_TASKS.items():
         es: SkillEvalSet = skill_eval_set(task, world.reserved_names, n=n_skill, seed=99)
+        longest = max(len(tokenizer(es.prompt(f))["input_ids"]) for f, _ in es.examples)
+        if longest + 3 > model.config.n_positions:  # a small probe tokenizer can make prompts too long
+            out[f"f1_{name}"] = float("nan")
+            continue
         out[f"f1_{name}"] = evaluate_fewshot(model, tokenizer, task.fmt, es.demos, es.examples)["f1"]
+    if recall:
+        out["recall_acc"] = recall_accuracy(model, tokenizer, world)
     model.train(was_training)
     return out
 
@@ -354,7 +428,7 @@ def train(cfg: TrainConfig, out_dir: Path, *, progress: bool = True, log: Any = 
             t_last = now
             bar.update(task, completed=step, loss=loss.item())
             if step % cfg.eval_every == 0 or step == cfg.total_steps:
-                ev = quick_eval(model, tokenizer, world)
+                ev = quick_eval(model, tokenizer, world, recall=bool(cfg.recall_lines))
                 ev.update(step=step, stage=cfg.stage_at(step - 1)[0], minutes=elapsed / 60, loss=loss.item())
                 history.append(ev)
                 log(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in ev.items()))
@@ -366,7 +440,8 @@ def train(cfg: TrainConfig, out_dir: Path, *, progress: bool = True, log: Any = 
     model.save_pretrained(final, safe_serialization=True)
     tokenizer.save_pretrained(final)
     (final / "training.json").write_text(json.dumps(
-        {"config": cfg.model_dump(), "train_minutes": round(elapsed / 60, 1), "steps": step,
+        {"config": cfg.model_dump(), "train_minutes": round(elapsed / 60, 1), "threads": torch.get_num_threads(),
+         "steps": step,
          "history": history}, indent=2))
     return final
 

@@ -12,9 +12,10 @@ Design choices that matter for the trained model:
   never appear in any training text. A fact is trained in one phrasing of each kind; the other
   two become its paraphrase prompts, so PS measures generalisation to wordings that fact was
   never trained in (but that other facts of the relation were).
-- Two more phrasings per relation (`shared`) are taught for every fact in a later training stage:
-  a fact seen in more wordings is recalled from wordings never seen at all, and the held-out and
-  paraphrase prompts stay untrained.
+- Two more phrasings per relation (`shared`) are taught for every fact of the relation (the
+  embedded model trains them from its first step, `TrainConfig.shared_phrasings`): a fact seen in
+  more wordings is recalled from wordings never seen at all, and the held-out and paraphrase
+  prompts stay untrained.
 - A subject at the start of a line is tokenised without its leading space, so training lines are
   joined by either a newline or a space: both token forms of every subject are learnt.
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Literal
 
 from editscale.data.records import EditRecord
 
@@ -221,14 +223,16 @@ def generate_world(seed: int = 0, n_subjects: int = 1800, n_neighbors: int = 10,
     return FactWorld(seed=seed, facts=facts, records=records, reserved_names=seen)
 
 
-def fact_lines(world: FactWorld, repeats: int, rng: random.Random, *, shared: bool = False) -> list[str]:
-    """Training lines: every trained sentence (or with ``shared``, every shared-phrasing sentence)
-    ``repeats`` times, shuffled, in random line groups.
+def fact_lines(world: FactWorld, repeats: int, rng: random.Random, *,
+               phrasings: Literal["trained", "shared", "both"] = "trained") -> list[str]:
+    """Training lines: every fact in its own trained phrasings, in its relation's shared phrasings,
+    or in both, each sentence ``repeats`` times, shuffled, in random line groups.
 
     Sentences are grouped 1-3 per line so a subject-first sentence appears both at a line start
     (no leading space on the subject) and after another sentence (with one).
     """
-    sents = (world.shared_sentences() if shared else world.training_sentences()) * repeats
+    sents = {"trained": world.training_sentences, "shared": world.shared_sentences,
+             "both": lambda: world.training_sentences() + world.shared_sentences()}[phrasings]() * repeats
     rng.shuffle(sents)
     lines, i = [], 0
     while i < len(sents):

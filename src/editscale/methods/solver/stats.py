@@ -78,6 +78,9 @@ CORPORA: dict[str, Callable[[int], list[str]]] = {
     # The reference's "wikipedia"/"20200501.en" snapshot is gone from the hub; this is its successor.
     "wikipedia": _hf_docs("wikimedia/wikipedia", "20231101.en"),
 }
+# Generated corpora change when their generator does; the revision is part of the cache path, so
+# statistics cached from an older revision are never read back. Bump it with the generator.
+CORPUS_REVISIONS = {"factworld": 2}  # 2: skill examples keep the objects of recent blocks out
 
 
 def corpus_documents(corpus: str, n_samples: int) -> list[str]:
@@ -121,7 +124,8 @@ class StatsKey:
 
     def path(self, root: Path) -> Path:
         model = self.model_name.replace("/", "_")
-        return root / f"{model}-{self.fingerprint}" / self.corpus / (
+        corpus = self.corpus + (f"-r{CORPUS_REVISIONS[self.corpus]}" if self.corpus in CORPUS_REVISIONS else "")
+        return root / f"{model}-{self.fingerprint}" / corpus / (
             f"layer{self.layer}_{self.dtype}_n{self.n_samples}_len{self.max_length}.safetensors")
 
 
