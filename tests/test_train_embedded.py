@@ -388,3 +388,13 @@ def test_a_run_extended_by_a_stage_resumes_mid_stage(tmp_path, monkeypatch, stub
     a, b = _weights(final), _weights(straight)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_the_shipped_probe_configs_load():
+    from editscale.data.factworld.train import EMBEDDED_CONFIG, load_train_config
+
+    probes = sorted((Path(__file__).parents[1] / "benchmarks" / "probes").glob("*.yaml"))
+    assert probes
+    for path in probes:
+        cfg = load_train_config(path, EMBEDDED_CONFIG)
+        assert cfg.fact_share == 0.0 and cfg.skill_mix is not None, path
