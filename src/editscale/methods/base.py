@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import torch
-import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
+from editscale.config_files import read_yaml_mapping, validate
 from editscale.data.records import EditRecord
 from editscale.errors import EditscaleError, UnknownNameError
 from editscale.models.adapter import ModelAdapter
@@ -66,20 +66,11 @@ class MethodConfig(BaseModel):
 
     @classmethod
     def from_yaml(cls: type[C], path: Path | str) -> C:
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise EditscaleError(f"cannot read method config {path}: {err}") from err
-        return cls.parse(data, source=str(path))
+        return cls.parse(read_yaml_mapping(path, "method config"), source=str(path))
 
     @classmethod
     def parse(cls: type[C], data: dict[str, Any], *, source: str = "config") -> C:
-        try:
-            return cls.model_validate(data)
-        except ValidationError as err:
-            problems = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in err.errors())
-            raise EditscaleError(f"{source}: invalid {cls.__name__}: {problems}") from err
+        return validate(cls, data, source=source)
 
 
 C = TypeVar("C", bound=MethodConfig)

@@ -34,8 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from editscale.data.factworld.skills import (
     RECALL_MARKER,
@@ -209,13 +208,15 @@ def sample_batch(streams: dict[str, Stream], cfg: TrainConfig, rng: np.random.Ge
     """The first stage's batch: a row is facts with probability fact_share, else a random skill."""
     skill_names = [n for n in streams if n != "facts"]
     p = None if cfg.skill_mix is None else np.asarray([cfg.skill_mix[n] for n in skill_names], dtype=np.float64)
+    if p is not None:
+        p /= p.sum()
 
     def pick(_: int) -> Stream:
         if rng.random() < cfg.fact_share:
             return streams["facts"]
         if p is None:  # the draws of runs made before skill_mix existed
             return streams[skill_names[rng.integers(len(skill_names))]]
-        return streams[skill_names[rng.choice(len(skill_names), p=p / p.sum())]]
+        return streams[skill_names[rng.choice(len(skill_names), p=p)]]
 
     return _windows(pick, cfg, rng)
 
@@ -270,19 +271,9 @@ def sample_mixed(streams: dict[str, Stream], mix: dict[str, float], cfg: TrainCo
 
 def load_train_config(path: Path, base: TrainConfig) -> TrainConfig:
     """`base` with the fields a YAML file sets; an unknown or invalid field is an error naming the file."""
-    from editscale.errors import EditscaleError
+    from editscale.config_files import read_yaml_mapping, validate
 
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise EditscaleError(f"cannot read training config {path}: {err}") from err
-    if not isinstance(data, dict):
-        raise EditscaleError(f"{path}: a training config is a mapping of TrainConfig fields")
-    try:
-        return TrainConfig.model_validate(base.model_dump() | data)
-    except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'config'}: {e['msg']}" for e in err.errors())
-        raise EditscaleError(f"{path}: invalid TrainConfig: {problems}") from err
+    return validate(TrainConfig, base.model_dump() | read_yaml_mapping(path, "training config"), source=str(path))
 
 
 def build_model(cfg: TrainConfig, vocab_size: int, eos_id: int) -> torch.nn.Module:
