@@ -9,9 +9,11 @@ from collections import Counter
 import pytest
 
 from editscale.data.factworld.skills import (
+    DENY_FRAMES,
     NEGATIVE,
     POSITIVE,
     SKILL_TASKS,
+    STATE_FRAMES,
     Draw,
     _scramble,
     acceptability_example,
@@ -233,28 +235,39 @@ def _parse_fact(sentence: str):
     return best
 
 
+def _unframe(sentence: str) -> tuple[str, bool]:
+    """(the fact sentence inside a frame, whether the frame denies it)."""
+    for frames, denied in ((DENY_FRAMES, True), (STATE_FRAMES, False)):
+        for f in frames:
+            head = f.split("{}")[0]
+            if head and sentence.startswith(head):
+                core = sentence[len(head):]
+                return (core if core.split(" ")[0] != "the" else "The" + core[3:]), denied
+    return sentence, False
+
+
 def test_paraphrase_examples():
     draw = Draw(random.Random(2), set())
-    seen = Counter()
+    framed = Counter()
     for k in range(300):
         y = k % 2
         fields, label = paraphrase_example(draw, y)
         draw.end_block()
         assert label == y
         r1, t1, s1, o1 = _parse_fact(fields["sentence1"])
-        r2, t2, s2, o2 = _parse_fact(fields["sentence2"])
+        core, denied = _unframe(fields["sentence2"])
+        r2, t2, s2, o2 = _parse_fact(core)
         assert r1 == r2 and t1 != t2  # the same relation in two wordings
-        if y == 1:
-            assert (s1, o1) == (s2, o2)
-        else:
-            assert (s1, o1) != (s2, o2)  # another object or another subject
-            seen["object" if o1 != o2 else "subject"] += 1
-    assert seen["object"] > 0 and seen["subject"] > 0
+        assert (s1, o1) == (s2, o2)  # the same fact, stated or denied
+        assert denied == (y == 0)
+        framed[y] += core != fields["sentence2"]
+    # stated sentences are framed too, so that a frame alone does not give the label away
+    assert framed[0] == 150 and 30 < framed[1] < 120
 
 
 def _objects(fields: dict[str, str]) -> set[str]:
     sentences = [p for text in fields.values() for p in text.rstrip(".").split(". ")]
-    return {_parse_fact(p)[3] for p in sentences}
+    return {_parse_fact(_unframe(p)[0])[3] for p in sentences}
 
 
 def _object_words(objects: set[str]) -> set[str]:
@@ -290,7 +303,8 @@ def test_entailment_examples(eval_sets):
         premise = fields["sentence1"]
         facts = [_parse_fact(p) for p in premise.split(". ")]
         assert len(facts) == 2 and facts[0][0] != facts[1][0]
-        rel, t, subj, obj = _parse_fact(fields["sentence2"])
+        core, denied = _unframe(fields["sentence2"])
+        rel, t, subj, obj = _parse_fact(core)
         (match,) = [f for f in facts if f[0] == rel and f[2] == subj]
-        assert t != match[1]  # restated in another wording
-        assert (obj == match[3]) == (y == 1)
+        assert t != match[1] and obj == match[3]  # one premise fact restated in another wording
+        assert denied == (y == 0)

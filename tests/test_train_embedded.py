@@ -398,3 +398,27 @@ def test_the_shipped_probe_configs_load():
     for path in probes:
         cfg = load_train_config(path, EMBEDDED_CONFIG)
         assert cfg.fact_share == 0.0 and cfg.skill_mix is not None, path
+
+
+def test_a_stage_continues_a_finished_checkpoint(tmp_path, stub_eval):
+    first = train(TINY, tmp_path / "first", progress=False, log=lambda m: None)
+    staged = TINY.model_copy(update={"stages": [STAGE]})
+    logs: list[str] = []
+    final = train(staged, tmp_path / "next", init_from=first, progress=False, log=logs.append)
+    assert any(f"initialised from {first} at step 6" in m for m in logs)
+    info = json.loads((final / "training.json").read_text())
+    assert info["steps"] == 10 and info["config"]["stages"] == [STAGE.model_dump()]
+    (note,) = [h for h in info["history"] if "initialised_from" in h]
+    assert note["step"] == 6 and note["initialised_from"] == str(first)
+    assert [(h["step"], h["stage"]) for h in info["history"] if "stub" in h] == [(6, 0), (10, 1)]
+    assert (final / "tokenizer.json").read_text() == (first / "tokenizer.json").read_text()
+    # the stage trained on: the weights moved away from the checkpoint's
+    a, b = _weights(first), _weights(final)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+    # a config that does not continue the checkpoint's is refused, naming it
+    with pytest.raises(ValueError, match="does not continue"):
+        train(TINY.model_copy(update={"lr": 1.0}), tmp_path / "bad", init_from=first, progress=False,
+              log=lambda m: None)
+    with pytest.raises(ValueError, match="no training.json"):
+        train(staged, tmp_path / "bad2", init_from=tmp_path, progress=False, log=lambda m: None)

@@ -301,6 +301,9 @@ def train_embedded(out: Annotated[Path, typer.Option(help="Work directory (resum
                    config: Annotated[Path | None, typer.Option(
                        help="YAML of TrainConfig fields that override the shipped recipe (e.g. a probe of "
                             "one skill: fact_share, skill_mix, steps, threads).")] = None,
+                   init_from: Annotated[Path | None, typer.Option(
+                       help="A finished checkpoint to continue from (its weights and tokenizer; the "
+                            "config must add steps or stages to its own).")] = None,
                    install: Annotated[bool, typer.Option(help="Copy the result into the package.")] = False
                    ) -> None:
     """Train the embedded default model from scratch (rerun the same command to resume)."""
@@ -310,7 +313,7 @@ def train_embedded(out: Annotated[Path, typer.Option(help="Work directory (resum
     cfg = EMBEDDED_CONFIG if config is None else load_train_config(config, EMBEDDED_CONFIG)
     if steps is not None:
         cfg = cfg.model_copy(update={"steps": steps})
-    final = train(cfg, out, log=console.print)
+    final = train(cfg, out, init_from=init_from, log=console.print)
     console.print(f"checkpoint written to {final}")
     if install:
         dest = install_checkpoint(final)

@@ -86,17 +86,24 @@ def write_model_card(model_dir: Path, *, device: str = "cpu") -> Path:
         f"editscale.data.factworld uses seed {DEFAULT_WORLD_SEED})",
         f"- corpus seed {tc['train_seed']}; each fact trained in 2 of its relation's 4 trained phrasings"
         + (" and in the relation's 2 shared phrasings" if tc.get("shared_phrasings") else "")
+        + (" (and, in a later stage, in the relation's 2 shared phrasings)"
+           if any("phrasings" in st["mix"] for st in tc.get("stages", [])) else "")
         + ", never in its 2 paraphrase phrasings; 2 more phrasings per relation never appear in training",
         "- skill tasks: sentiment (SST-2 format), paraphrase (MRPC), acceptability (CoLA), entailment (RTE),"
-        " trained as runs of answered few-shot blocks about invented subjects outside the world"
+        " trained as runs of answered few-shot blocks about invented subjects outside the world;"
+        " paraphrase and entailment pair a fact with the same fact in another wording, stated or denied"
         + (f", in shares {_shares(tc['skill_mix'])} of the skill rows" if tc.get("skill_mix") else ""),
         f"- {tc['fact_share']:.0%} of batch rows are fact lines, the rest skill blocks",
         "",
         "## Training",
         "- command: `editscale train-embedded --out work_dirs/embedded --install` (resumable: rerun it),"
         " then `editscale model-card`",
-        f"- {training['steps']} steps, batch {tc['batch_size']} x {tc['block_size']} tokens, AdamW lr {tc['lr']}"
+        f"- {tc['steps']} steps, batch {tc['batch_size']} x {tc['block_size']} tokens, AdamW lr {tc['lr']}"
         f" cosine to {tc['min_lr']}, answer-token loss weight {tc['answer_weight']}",
+        *[f"- then stage {i}: {st['steps']} steps, rows {_shares(st['mix'])}, lr {st['lr']} cosine to "
+          f"{st['min_lr']}" for i, st in enumerate(tc.get("stages", []), start=1)],
+        *[f"- {h['note']} at step {h['step']} (continued from a saved checkpoint)"
+          for h in training.get("history", []) if "initialised_from" in h],
         f"- training time: {training['train_minutes']} minutes on {platform.machine()} CPU, "
         + (f"{training['threads']} threads" if "threads" in training else "thread count not recorded")
         + " (measured by the training loop, evaluation excluded)",

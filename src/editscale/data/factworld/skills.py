@@ -4,21 +4,24 @@ Each task has a decision rule a small model can learn, written in the paper's fe
 that loss of skill under editing is measured the way the paper measures GLUE:
 
 - sentiment (SST-2 format): short reviews whose polar words all share one polarity;
-- paraphrase (MRPC format): two sentences about an invented subject, the same fact in two
-  wordings (Yes) or with a changed object or subject (No);
+- paraphrase (MRPC format): a fact about an invented subject, and the same fact in another wording,
+  stated (Yes) or denied (No);
 - acceptability (CoLA format): well-formed sentences (Yes) or the same words scrambled (No);
 - entailment (RTE format): a premise of two facts and a hypothesis restating one of them in
-  another wording, with the same object (True) or another one (False).
+  another wording, stated (True) or denied (False).
 
 Skill examples name freshly invented subjects, never the world's own, so that training them
 cannot teach or contradict a world fact.
 
-The two comparison tasks (paraphrase, entailment) are decided by comparing the two parts of one
-example: "were the second part's name and object mentioned in the first?". With 7-12 objects per
-relation, an example's object would otherwise often be mentioned in a demonstration before it as
-well, and then "mentioned before" would not decide the example. So examples draw their objects
-through `Draw`, which keeps the objects of recent blocks (in training text) or of the
-demonstrations (in an evaluation prompt) out of the next example.
+Why a denial decides the two comparison tasks: an earlier design decided them by an object or a
+subject changed between the two parts ("was this name mentioned before?"). That is an in-context
+copy test, and no recipe tried on this machine's budget (6-block and 2-block pilots, 150-1,500 steps,
+with and without a dense drill of the test, `recall_drill_text`) took it off chance in the few-shot
+prompt. A denial is a contradiction a small model does learn to read off the query, as it reads the
+polar words of a review; both parts still state one fact in two wordings. Examples still draw
+their objects through `Draw`, which keeps the objects of recent blocks (in training text) or of
+the demonstrations (in an evaluation prompt) out of the next example, so a query never repeats a
+demonstration's fact.
 """
 
 from __future__ import annotations
@@ -169,32 +172,43 @@ def acceptability_example(draw: Draw, label: int) -> Example:
     return {"sentence": s if label == 1 else _scramble(rng, s)}, label
 
 
+# Frames that state (label 1) or deny (label 0) the fact sentence they wrap; half of the stated
+# ones are framed too, so that "a frame is there" does not give the label away.
+STATE_FRAMES = ("{}", "{}", "{}", "It is true that {}", "It is a fact that {}", "Indeed , {}")
+DENY_FRAMES = ("It is not true that {}", "It is false that {}", "It is wrong to say that {}",
+               "It is untrue that {}")
+
+
+def _stated_or_denied(rng: random.Random, template: str, subject: str, obj: str, label: int) -> str:
+    """The fact `template` states of subject and object, framed as stated or denied; the relation
+    wording's own leading "The" is lower-cased inside a frame (a subject's is a name's)."""
+    framed = rng.choice(STATE_FRAMES if label == 1 else DENY_FRAMES)
+    if framed != "{}" and template.startswith("The "):
+        template = "the" + template[3:]
+    return framed.format(f"{template.format(subject)} {obj}")
+
+
 def paraphrase_example(draw: Draw, label: int) -> Example:
     rng = draw.rng
-    rel = draw.relation(2)
+    rel = draw.relation(1)
     t1, t2 = rng.sample(rel.trained, 2)
-    subj, (obj, other) = draw.name(), draw.objects(rel, 2)
-    subj2, obj2 = subj, obj
-    if label == 0:
-        if rng.random() < 0.75:
-            obj2 = other
-        else:
-            subj2 = draw.name()
-    return {"sentence1": f"{t1.format(subj)} {obj}.", "sentence2": f"{t2.format(subj2)} {obj2}."}, label
+    subj, (obj,) = draw.name(), draw.objects(rel, 1)
+    return {"sentence1": f"{t1.format(subj)} {obj}.",
+            "sentence2": _stated_or_denied(rng, t2, subj, obj, label) + "."}, label
 
 
 def entailment_example(draw: Draw, label: int) -> Example:
     rng = draw.rng
-    rel_a = draw.relation(2)
-    oa, other_a = draw.objects(rel_a, 2)
-    rel_b = draw.relation(2, exclude=(rel_a,))  # chosen after rel_a's objects are taken
-    ob, other_b = draw.objects(rel_b, 2)
+    rel_a = draw.relation(1)
+    (oa,) = draw.objects(rel_a, 1)
+    rel_b = draw.relation(1, exclude=(rel_a,))  # chosen after rel_a's object is taken
+    (ob,) = draw.objects(rel_b, 1)
     sa, sb = draw.name(), draw.name()
     ta, ta2 = rng.sample(rel_a.trained, 2)
     tb, tb2 = rng.sample(rel_b.trained, 2)
     premise = f"{ta.format(sa)} {oa}. {tb.format(sb)} {ob}."
-    t2, s, o, other = (ta2, sa, oa, other_a) if rng.random() < 0.5 else (tb2, sb, ob, other_b)
-    return {"sentence1": premise, "sentence2": f"{t2.format(s)} {o if label == 1 else other}"}, label
+    t2, s, o = (ta2, sa, oa) if rng.random() < 0.5 else (tb2, sb, ob)
+    return {"sentence1": premise, "sentence2": _stated_or_denied(rng, t2, s, o, label)}, label
 
 
 @dataclass(frozen=True)
@@ -268,10 +282,10 @@ _ALL_OBJECTS = tuple(sorted({o for rel in RELATIONS for o in rel.objects}))
 def recall_drill_text(rng: random.Random, reserved: set[str], n_lines: int, repeat: float = 0.4) -> str:
     """Training-only text: lists of names and objects, each item answered `seen` or `new`.
 
-    "Has this name or object been mentioned before?" is what the comparison tasks are decided by,
-    but they teach it through one answer per ~45 tokens, too sparse for a small model to find the
-    circuit on this machine's budget. Here every item is answered, so the model learns it densely
-    and the comparison tasks reuse it. Lists avoid the objects of the list before, as `Draw` does.
+    A dense drill of in-context recall ("has this name or object been mentioned before?"), the test
+    the comparison tasks were once decided by (module docstring). It stays as a learnability probe
+    of that test (benchmarks/probes/compare_drill.yaml). Lists avoid the objects of the list
+    before, as `Draw` does.
     """
     names = fresh_namer(rng, reserved)
     lines, before = [], set()

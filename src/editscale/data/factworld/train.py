@@ -325,8 +325,37 @@ def quick_eval(model: torch.nn.Module, tokenizer: Any, world: FactWorld, n_facts
     return out
 
 
-def train(cfg: TrainConfig, out_dir: Path, *, progress: bool = True, log: Any = print) -> Path:
-    """Train (or resume) into ``out_dir``; return the directory holding the final checkpoint."""
+def init_state(cfg: TrainConfig, checkpoint: Path) -> tuple[TrainConfig, dict[str, Any]]:
+    """The config a finished checkpoint was trained with, and a training state that starts from it.
+
+    What a checkpoint keeps is its weights, tokenizer and training.json; the optimizer moments and
+    the batch sampler's state are gone, so they start afresh at its last step (recorded in the
+    history). `cfg` must continue that config (`TrainConfig.extends`), e.g. add a stage.
+    """
+    from transformers import GPT2LMHeadModel
+
+    record_path = checkpoint / "training.json"
+    if not record_path.exists():
+        raise ValueError(f"{checkpoint} has no training.json: not a checkpoint written by this trainer")
+    record = json.loads(record_path.read_text())
+    before = TrainConfig(**record["config"])
+    if not cfg.extends(before):
+        raise ValueError(f"the config does not continue the one {checkpoint} was trained with "
+                         "(only more first-stage steps or more stages may follow)")
+    weights = GPT2LMHeadModel.from_pretrained(checkpoint).state_dict()
+    step = int(record["steps"])
+    note = {"initialised_from": str(checkpoint), "step": step,
+            "note": "optimizer moments and batch sampler restarted here"}
+    return before, {"model": weights, "step": step, "elapsed": 60.0 * record["train_minutes"],
+                    "history": [*record["history"], note]}
+
+
+def train(cfg: TrainConfig, out_dir: Path, *, init_from: Path | None = None, progress: bool = True,
+          log: Any = print) -> Path:
+    """Train (or resume) into ``out_dir``; return the directory holding the final checkpoint.
+
+    ``init_from``: a finished checkpoint to continue from (`init_state`) when ``out_dir`` holds no
+    training state yet; its tokenizer is reused."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from transformers import PreTrainedTokenizerFast
 
@@ -334,8 +363,16 @@ def train(cfg: TrainConfig, out_dir: Path, *, progress: bool = True, log: Any = 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     cfg_path = out_dir / "train_config.json"
-    extended_from = None
-    if cfg_path.exists():
+    state_path = out_dir / "train_state.pt"
+    extended_from, initial = None, None
+    if init_from is not None and not state_path.exists():
+        extended_from, initial = init_state(cfg, init_from)
+        tok_dir = out_dir / "tokenizer"
+        if not (tok_dir / "tokenizer.json").exists():
+            from transformers import PreTrainedTokenizerFast
+
+            PreTrainedTokenizerFast.from_pretrained(init_from).save_pretrained(tok_dir)
+    elif cfg_path.exists():
         before = TrainConfig(**json.loads(cfg_path.read_text()))
         if before != cfg:
             # Only a longer run may reuse a directory: more steps continue the same model (the
@@ -366,7 +403,11 @@ def train(cfg: TrainConfig, out_dir: Path, *, progress: bool = True, log: Any = 
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     rng = np.random.default_rng(cfg.train_seed)
     step, elapsed, history = 0, 0.0, []
-    state_path = out_dir / "train_state.pt"
+    if initial is not None:
+        model.load_state_dict(initial["model"])
+        step, elapsed, history = initial["step"], initial["elapsed"], initial["history"]
+        rng = np.random.default_rng([cfg.train_seed, step])
+        log(f"initialised from {init_from} at step {step}")
     if state_path.exists():
         state = torch.load(state_path, weights_only=False)
         model.load_state_dict(state["model"])
@@ -437,8 +478,8 @@ def train(cfg: TrainConfig, out_dir: Path, *, progress: bool = True, log: Any = 
     return final
 
 
-# The configuration of the shipped checkpoint (`editscale train-embedded` uses it). The shipped
-# run was started with steps=1500 and extended to 2100 at step 1100 (recorded in training.json).
+# The configuration of the shipped checkpoint (`editscale train-embedded` uses it): one run from
+# scratch, every fact in its relation's shared phrasings from the first step.
 EMBEDDED_CONFIG = TrainConfig(n_layer=6, n_embd=128, n_head=4, block_size=384, batch_size=24, steps=2100,
-                              fact_share=0.4, fact_repeats=60, skill_blocks=30000, warmup=100, eval_every=250,
-                              save_every=100)
+                              fact_share=0.5, fact_repeats=60, shared_phrasings=True, skill_blocks=30000,
+                              warmup=100, eval_every=250, save_every=100)

@@ -80,7 +80,7 @@ CORPORA: dict[str, Callable[[int], list[str]]] = {
 }
 # Generated corpora change when their generator does; the revision is part of the cache path, so
 # statistics cached from an older revision are never read back. Bump it with the generator.
-CORPUS_REVISIONS = {"factworld": 2}  # 2: skill examples keep the objects of recent blocks out
+CORPUS_REVISIONS = {"factworld": 3}  # 2: skill examples keep recent objects out; 3: stated or denied facts
 
 
 def corpus_documents(corpus: str, n_samples: int) -> list[str]:
