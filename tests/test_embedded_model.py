@@ -41,8 +41,8 @@ def test_knows_its_facts(embedded) -> None:
     assert scores["known_neighborhood"] >= 0.95
 
 
-@pytest.mark.xfail(strict=True, reason="known gap of the shipped checkpoint: 69.9% on never-seen phrasings "
-                   "(MODEL_CARD.md), target 85%")
+@pytest.mark.xfail(strict=True, reason="known gap of the shipped checkpoint: never-seen phrasings below the "
+                   "85% target (MODEL_CARD.md); strict, so a checkpoint that meets it makes this fail")
 def test_knows_its_facts_in_never_seen_phrasings(embedded) -> None:
     scores = knowledge_scores(embedded.adapter, default_world().records[::6])
     assert scores["known_unseen"] >= 0.85
@@ -53,14 +53,7 @@ def skill_results(embedded):
     return evaluate_skills(embedded.model, embedded.tokenizer, n=100)
 
 
-# The two comparison skills have not been learnt by the shipped checkpoint (F1 0.39 / 0.37 in
-# MODEL_CARD.md): strict xfails, so the day a retrained model learns them these start failing
-# and the marks must go.
-_NOT_LEARNT = pytest.mark.xfail(strict=True, reason="known gap of the shipped checkpoint (MODEL_CARD.md)")
-
-
-@pytest.mark.parametrize("task", ["sentiment", pytest.param("paraphrase", marks=_NOT_LEARNT), "acceptability",
-                                  pytest.param("entailment", marks=_NOT_LEARNT)])
+@pytest.mark.parametrize("task", ["sentiment", "paraphrase", "acceptability", "entailment"])
 def test_keeps_its_skills(skill_results, task: str) -> None:
     assert skill_results[task]["f1"] >= 0.85, skill_results[task]["f1"]
 
@@ -71,5 +64,8 @@ def test_demo_report_runs(embedded) -> None:
     text = buf.getvalue()
     assert "Facts it knows" in text and "Where facts live" in text
     assert len(out["layer_scan"]) == embedded.adapter.n_layers
-    # zeroing a storing MLP must hurt: some layer raises the true object's NLL noticeably
-    assert max(r["nll_increase"] for r in out["layer_scan"]) > 0.5
+    # zeroing a storing MLP must hurt, far more than zeroing a late block's (measured on 40 facts:
+    # block 0 +0.50 nats, block 1 +0.12, blocks 2-5 within 0.01)
+    rises = [r["nll_increase"] for r in out["layer_scan"]]
+    late = rises[len(rises) // 2:]
+    assert max(rises) > 0.3 and max(rises) > 10 * max(abs(x) for x in late)

@@ -29,6 +29,9 @@ def install_checkpoint(src: Path, dest: Path | None = None) -> Path:
     if missing:
         raise FileNotFoundError(f"{src} lacks {', '.join(missing)}")
     dest.mkdir(parents=True, exist_ok=True)
+    for name in (SWEEP_FILE, "card.json", "MODEL_CARD.md"):  # measured on the model being replaced
+        if not (src / name).exists():
+            (dest / name).unlink(missing_ok=True)
     for f in src.iterdir():
         if f.is_file() and f.suffix in (".json", ".safetensors", ".txt"):
             shutil.copy2(f, dest / f.name)
