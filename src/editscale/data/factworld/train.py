@@ -369,8 +369,6 @@ def train(cfg: TrainConfig, out_dir: Path, *, init_from: Path | None = None, pro
         extended_from, initial = init_state(cfg, init_from)
         tok_dir = out_dir / "tokenizer"
         if not (tok_dir / "tokenizer.json").exists():
-            from transformers import PreTrainedTokenizerFast
-
             PreTrainedTokenizerFast.from_pretrained(init_from).save_pretrained(tok_dir)
     elif cfg_path.exists():
         before = TrainConfig(**json.loads(cfg_path.read_text()))
