@@ -9,7 +9,15 @@ from collections import Counter
 import pytest
 
 from editscale.data.factworld.skills import SKILL_TASKS, skill_training_text
-from editscale.data.factworld.world import RELATIONS, EditRecord, fact_lines, generate_world
+from editscale.data.factworld.world import (
+    FILLER_ASIDES,
+    FILLER_OPENINGS,
+    RELATIONS,
+    EditRecord,
+    fact_lines,
+    generate_world,
+    with_filler,
+)
 from editscale.data.records import EditRecord as RecordType
 from editscale.data.records import validate_records
 
@@ -23,7 +31,14 @@ def world():
 
 @pytest.fixture(scope="module")
 def fact_text(world) -> str:
-    return "\n".join(fact_lines(world, 1, random.Random("facts"))) + "\n"
+    """The richest fact text: trained phrasings, and shared copies worded from the varied pools."""
+    return "\n".join(fact_lines(world, 2, random.Random("facts"), phrasings="varied")) + "\n"
+
+
+@pytest.fixture(scope="module")
+def filler_text(world) -> str:
+    """Fact text with filler words in half its sentences."""
+    return "\n".join(fact_lines(world, 2, random.Random("filler"), phrasings="varied", filler=0.5)) + "\n"
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +116,54 @@ def test_fact_lines_hold_every_trained_sentence_once_per_repeat(world):
     assert all("\n" not in line for line in lines)
 
 
+def test_varied_copies_spread_each_fact_over_its_relation_pool(world):
+    rng = random.Random(5)
+    got = Counter(s for line in fact_lines(world, 3, rng, phrasings="varied") for s in split_sentences(line))
+    trained = Counter(world.training_sentences() * 3)
+    varied = got - trained
+    assert got - varied == trained  # the trained copies are all there, untouched
+    for rel in RELATIONS:
+        # a pool is new wordings only: never a trained (paraphrase-test) or held-out one
+        assert not set(rel.varied) & set(rel.trained + rel.unseen + rel.shared)
+    by_subject = Counter()
+    used = {rel.relation_id: set() for rel in RELATIONS}
+    pools = {rel.relation_id: rel.shared + rel.varied for rel in RELATIONS}
+    for f in world.facts:
+        for t in pools[f.relation.relation_id]:
+            n = varied[f.sentence(t)]
+            by_subject[f.subject] += n
+            if n:
+                used[f.relation.relation_id].add(t)
+    assert sum(by_subject.values()) == sum(varied.values())  # nothing outside the pools
+    assert set(by_subject.values()) == {3 * 2}  # as many copies as 3 repeats of 2 shared phrasings
+    assert all(used[r] == set(pools[r]) for r in used)
+
+
+def test_filler_keeps_the_fact_and_its_wording_and_avoids_held_out_words(world, filler_text):
+    rng = random.Random(11)
+    f = world.facts[0]
+    for t in f.relation.trained:
+        before, after = t.split("{}")
+        for _ in range(20):
+            s = with_filler(f, t, rng)
+            assert s.endswith(f"{after} {f.obj}.") and f.subject in s
+            head, tail = s.split(f.subject)
+            assert head.lower().endswith(before.lower())  # the template's own opening words kept
+            assert tail.endswith(f"{after} {f.obj}.")
+    sents = [s for line in filler_text.splitlines() for s in split_sentences(line)]
+    plain = set(world.training_sentences()) | {g.sentence(t) for g in world.facts
+                                               for t in g.relation.shared + g.relation.varied}
+    share = sum(s not in plain for s in sents) / len(sents)
+    assert 0.45 < share < 0.55
+    # a held-out phrasing's own words (those no trained wording of any relation uses) stay unseen
+    def words(t: str) -> set[str]:
+        return set(re.findall(r"[a-z]+", t.lower()))
+    taught = set().union(*(words(t) for r in RELATIONS for t in r.trained + r.shared + r.varied))
+    held_out = set().union(*(words(t) for r in RELATIONS for t in r.unseen)) - taught
+    fillers = set().union(*(words(t) for t in FILLER_OPENINGS + FILLER_ASIDES))
+    assert held_out and not held_out & fillers
+
+
 def test_each_fact_is_trained_in_one_first_and_one_inside_phrasing(world, trained_sentences):
     for r in world.records:
         rel = REL_BY_ID[r.relation_id]
@@ -126,8 +189,8 @@ def test_paraphrases_are_exactly_the_untrained_phrasings(world, fact_text, train
         assert f" {r.rewrite_prompt} {r.target_true}." in flat
 
 
-def test_unseen_prompts_never_occur_in_any_training_text(world, fact_text, skill_texts):
-    corpus = "\n".join([fact_text, *skill_texts.values()])
+def test_unseen_prompts_never_occur_in_any_training_text(world, fact_text, filler_text, skill_texts):
+    corpus = "\n".join([fact_text, filler_text, *skill_texts.values()])
     for r in world.records:
         rel = REL_BY_ID[r.relation_id]
         unseen = r.extra["unseen_prompts"]
@@ -137,8 +200,8 @@ def test_unseen_prompts_never_occur_in_any_training_text(world, fact_text, skill
             assert p not in corpus, p
 
 
-def test_unseen_phrasing_frames_never_occur_in_training_text(fact_text, skill_texts):
-    corpus = "\n".join([fact_text, *skill_texts.values()])
+def test_unseen_phrasing_frames_never_occur_in_training_text(fact_text, filler_text, skill_texts):
+    corpus = "\n".join([fact_text, filler_text, *skill_texts.values()])
     leaks = []
     for rel in RELATIONS:
         for t in rel.unseen:

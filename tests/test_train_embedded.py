@@ -211,6 +211,23 @@ def test_shared_phrasings_join_the_fact_stream():
     assert sorted(s for line in plain.splitlines() for s in _sentences(line)) == sorted(world.training_sentences())
 
 
+def test_varied_phrasings_word_the_shared_copies_and_need_them():
+    world = generate_world(TINY.world_seed, TINY.n_subjects)
+    cfg = TINY.model_copy(update={"shared_phrasings": True, "varied_phrasings": True})
+    varied, _, _ = corpus_texts(world, cfg)
+    sentences = [s for line in varied.splitlines() for s in _sentences(line)]
+    assert len(sentences) == len(world.training_sentences()) + len(world.shared_sentences())
+    assert set(world.training_sentences()) <= set(sentences)
+    pooled = {f.sentence(t) for f in world.facts for t in f.relation.varied}
+    assert set(sentences) & pooled
+    with pytest.raises(ValueError, match="needs shared_phrasings"):
+        TrainConfig(varied_phrasings=True)
+    noisy, _, _ = corpus_texts(world, cfg.model_copy(update={"filler": 0.5}))
+    noisy_sentences = [s for line in noisy.splitlines() for s in _sentences(line)]
+    assert len(noisy_sentences) == len(sentences)
+    assert 0.3 < sum(s not in set(sentences) for s in noisy_sentences) / len(sentences) < 0.7
+
+
 def test_lr_schedule():
     cfg = TINY.model_copy(update={"steps": 100, "warmup": 10})
     assert lr_at(0, cfg) == pytest.approx(cfg.lr / 10)
@@ -342,6 +359,16 @@ def test_stage_streams_reweight_skills_and_add_the_shared_phrasings(small_stream
         stage_streams(tok, world, cfg, STAGE.model_copy(update={"mix": {"typo": 1.0}}), 1, streams)
     x, w = sample_mixed(out, {"paraphrase": 1.0}, cfg, np.random.default_rng(0))
     assert x.shape == (cfg.batch_size, cfg.block_size + 1) and np.isin(w.numpy(), np.float32([0.0, 0.1, 10.0])).all()
+
+    # a varied stage: trained sentences too, shared copies worded from the pool, half with filler
+    varied = STAGE.model_copy(update={"phrasings": "varied", "filler": 0.5, "phrasing_repeats": 2})
+    text = _decoded_ends(tok, stage_streams(tok, world, cfg, varied, 1, streams)["phrasings"].ids)[-1]
+    sents = [s for line in text.splitlines() for s in _sentences(line)]
+    assert len(sents) == 2 * (len(world.training_sentences()) + len(world.shared_sentences()))
+    clean = set(world.training_sentences()) | {f.sentence(t) for f in world.facts
+                                               for t in f.relation.shared + f.relation.varied}
+    assert 0.35 < sum(s not in clean for s in sents) / len(sents) < 0.65
+    assert {f.sentence(t) for f in world.facts for t in f.relation.varied} & set(sents)
 
 
 def _sentences(line: str) -> list[str]:

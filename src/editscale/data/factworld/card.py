@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from editscale.data.factworld import DEFAULT_N_SUBJECTS, DEFAULT_WORLD_SEED, checkpoint_dir
+from editscale.data.factworld.world import RELATIONS
 
 # what a checkpoint directory must hold to be loaded by `load_model("embedded")`
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
@@ -88,9 +89,11 @@ def write_model_card(model_dir: Path, *, device: str = "cpu") -> Path:
         f"- fact world seed {tc['world_seed']} ({DEFAULT_N_SUBJECTS} subjects, one fact each, 9 relations; "
         f"editscale.data.factworld uses seed {DEFAULT_WORLD_SEED})",
         f"- corpus seed {tc['train_seed']}; each fact trained in 2 of its relation's 4 trained phrasings"
-        + (" and in the relation's 2 shared phrasings" if tc.get("shared_phrasings") else "")
-        + (" (and, in a later stage, in the relation's 2 shared phrasings)"
-           if any("phrasings" in st["mix"] for st in tc.get("stages", [])) else "")
+        + ((" and, as often again, in wordings drawn at random from the relation's"
+            f" {len(RELATIONS[0].shared) + len(RELATIONS[0].varied)} shared and varied phrasings"
+            if tc.get("varied_phrasings") else " and in the relation's 2 shared phrasings")
+           if tc.get("shared_phrasings") else "")
+        + "".join(_stage_phrasings(st) for st in tc.get("stages", []) if "phrasings" in st["mix"])
         + ", never in its 2 paraphrase phrasings; 2 more phrasings per relation never appear in training",
         "- skill tasks: sentiment (SST-2 format), paraphrase (MRPC), acceptability (CoLA), entailment (RTE),"
         " trained as runs of answered few-shot blocks about invented subjects outside the world;"
@@ -104,7 +107,9 @@ def write_model_card(model_dir: Path, *, device: str = "cpu") -> Path:
         f"- {tc['steps']} steps, batch {tc['batch_size']} x {tc['block_size']} tokens, AdamW lr {tc['lr']}"
         f" cosine to {tc['min_lr']}, answer-token loss weight {tc['answer_weight']}",
         *[f"- then stage {i}: {st['steps']} steps, rows {_shares(st['mix'])}, lr {st['lr']} cosine to "
-          f"{st['min_lr']}" for i, st in enumerate(tc.get("stages", []), start=1)],
+          f"{st['min_lr']}" + (f", {st['filler']:.0%} of phrasing sentences with filler words"
+                              if st.get("filler") else "")
+          for i, st in enumerate(tc.get("stages", []), start=1)],
         *[f"- {h['note']} at step {h['step']} (continued from a saved checkpoint)"
           for h in training.get("history", []) if "initialised_from" in h],
         f"- training time: {training['train_minutes']} minutes on {platform.machine()} CPU, "
@@ -133,6 +138,15 @@ def write_model_card(model_dir: Path, *, device: str = "cpu") -> Path:
     path = model_dir / "MODEL_CARD.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _stage_phrasings(st: dict[str, Any]) -> str:
+    if st.get("phrasings") == "varied":
+        return (" (and, in a later stage, in its trained phrasings and in wordings drawn from the relation's"
+                f" {len(RELATIONS[0].shared) + len(RELATIONS[0].varied)} shared and varied phrasings"
+                + (", some with filler words such as \"As it happens,\" or \"really\"" if st.get("filler") else "")
+                + ")")
+    return " (and, in a later stage, in the relation's 2 shared phrasings)"
 
 
 def _shares(mix: dict[str, float]) -> str:

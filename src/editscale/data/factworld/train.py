@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -59,6 +59,10 @@ class Stage(BaseModel):
     answer_weight: float = 4.0  # loss weight of a skill block's first answer token
     context_weight: float = 1.0  # loss weight of every other token of a skill block
     phrasing_repeats: int = 6  # copies of each shared-phrasing sentence in the phrasings stream
+    # "varied": the phrasings stream also holds the trained sentences, and its shared copies are
+    # worded from the shared and varied phrasings (world.fact_lines)
+    phrasings: Literal["shared", "varied"] = "shared"
+    filler: float = 0.0  # share of the phrasings stream's sentences carrying filler words
 
 
 class TrainConfig(BaseModel):
@@ -82,6 +86,9 @@ class TrainConfig(BaseModel):
     fact_share: float = 0.5
     fact_repeats: int = 40  # copies of each trained sentence in the fact stream
     shared_phrasings: bool = False  # the fact stream also holds every fact in its relation's shared phrasings
+    # each shared-phrasing copy is worded at random from the relation's shared and varied phrasings
+    varied_phrasings: bool = False
+    filler: float = 0.0  # share of fact sentences carrying filler words (world.with_filler)
     skill_blocks: int = 30000  # answered blocks per skill task in its stream
     recall_lines: int = 0  # lines of the recall drill (skills.recall_drill_text), a stream beside the skills
     skill_mix: dict[str, float] | None = None  # share of each skill (and "recall") among skill rows; None: equal
@@ -97,6 +104,8 @@ class TrainConfig(BaseModel):
         mix = self.skill_mix
         if mix is not None and (set(mix) != set(names) or min(mix.values()) < 0 or not sum(mix.values())):
             raise ValueError(f"skill_mix needs a share >= 0 for each of {', '.join(names)} (got {mix})")
+        if self.varied_phrasings and not self.shared_phrasings:
+            raise ValueError("varied_phrasings words the shared-phrasing copies: it needs shared_phrasings: true")
         return self
 
     @property
@@ -135,8 +144,8 @@ class Stream:
 
 def corpus_texts(world: FactWorld, cfg: TrainConfig) -> tuple[str, dict[str, str], list[str]]:
     rng = random.Random(f"corpus-{cfg.train_seed}")
-    phrasings = "both" if cfg.shared_phrasings else "trained"
-    facts = "\n".join(fact_lines(world, cfg.fact_repeats, rng, phrasings=phrasings)) + "\n"
+    phrasings = ("varied" if cfg.varied_phrasings else "both") if cfg.shared_phrasings else "trained"
+    facts = "\n".join(fact_lines(world, cfg.fact_repeats, rng, phrasings=phrasings, filler=cfg.filler)) + "\n"
     skills = {name: skill_training_text(task, rng, world.reserved_names, cfg.skill_blocks)
               for name, task in SKILL_TASKS.items()}
     if cfg.recall_lines:
@@ -246,7 +255,8 @@ def stage_streams(tokenizer: Any, world: FactWorld, cfg: TrainConfig, stage: Sta
     for name in stage.mix:
         if name == "phrasings":
             rng = random.Random(f"phrasings-{cfg.train_seed}-{index}")
-            text = "\n".join(fact_lines(world, stage.phrasing_repeats, rng, phrasings="shared")) + "\n"
+            lines = fact_lines(world, stage.phrasing_repeats, rng, phrasings=stage.phrasings, filler=stage.filler)
+            text = "\n".join(lines) + "\n"
             out[name] = _stream(tokenizer, text, "\n", None, 1.0)
         elif name == "facts":
             out[name] = base[name]

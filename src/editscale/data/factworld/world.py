@@ -12,10 +12,15 @@ Design choices that matter for the trained model:
   never appear in any training text. A fact is trained in one phrasing of each kind; the other
   two become its paraphrase prompts, so PS measures generalisation to wordings that fact was
   never trained in (but that other facts of the relation were).
-- Two more phrasings per relation (`shared`) are taught for every fact of the relation (the
-  embedded model trains them from its first step, `TrainConfig.shared_phrasings`): a fact seen in
-  more wordings is recalled from wordings never seen at all, and the held-out and paraphrase
-  prompts stay untrained.
+- Two more phrasings per relation (`shared`) are taught for every fact of the relation
+  (`TrainConfig.shared_phrasings`): a fact seen in more wordings is recalled from wordings never
+  seen at all, and the held-out and paraphrase prompts stay untrained.
+- Six more (`varied`) widen that: with `TrainConfig.varied_phrasings` each shared copy of a fact
+  is worded at random from the shared and varied phrasings, so a fact is seen in many wordings
+  for the tokens of two. A model that has seen a relation in six wordings learns those six; seen
+  in a dozen, it learns to read the subject's fact whatever the words around it. Varied phrasings
+  avoid the held-out phrasings' words ("lies", "comes from", "specializes"...), so held-out
+  prompts stay new in wording, not just in word order.
 - A subject at the start of a line is tokenised without its leading space, so training lines are
   joined by either a newline or a space: both token forms of every subject are learnt.
 """
@@ -39,7 +44,8 @@ class Relation:
     first: tuple[str, str]  # trained phrasings with the subject first
     inside: tuple[str, str]  # trained phrasings with the subject inside
     unseen: tuple[str, ...]  # never in any training text
-    shared: tuple[str, ...] = ()  # trained for every fact of the relation, in a later stage only
+    shared: tuple[str, ...] = ()  # trained for every fact of the relation
+    varied: tuple[str, ...] = ()  # with `shared`, a pool each copy of a varied sentence draws from
 
     @property
     def trained(self) -> tuple[str, ...]:
@@ -63,47 +69,67 @@ RELATIONS: tuple[Relation, ...] = (
              first=("{} is a native speaker of", "{} grew up speaking"),
              inside=("The mother tongue of {} is", "The native language of {} is"),
              unseen=("{} was raised speaking", "The first language of {} is"),
-             shared=("{} speaks", "The home language of {} is")),
+             shared=("{} speaks", "The home language of {} is"),
+             varied=("{} talks at home in", "{} learned as a child to speak", "{} writes letters home in",
+                     "In the family of {} everyone speaks", "{} dreams in", "The everyday language of {} is")),
     Relation("P27", "citizenship", "person", COUNTRIES,
              first=("{} is a citizen of", "{} holds a passport from"),
              inside=("The nationality of {} is", "The country of citizenship of {} is"),
              unseen=("{} has citizenship in", "The passport of {} was issued by"),
-             shared=("{} is a national of", "The citizenship of {} is")),
+             shared=("{} is a national of", "The citizenship of {} is"),
+             varied=("{} votes in the elections of", "{} pays taxes to", "The home state of {} is",
+                     "Officially, {} belongs to the nation of", "{} is a registered resident of",
+                     "The government responsible for {} is that of")),
     Relation("P19", "place of birth", "person", CITIES,
              first=("{} was born in", "{} is originally from the city of"),
              inside=("The birthplace of {} is", "The city of birth of {} is"),
              unseen=("{} came into the world in", "The hometown of {} is"),
-             shared=("{} was born in the city of", "The place of birth of {} is")),
+             shared=("{} was born in the city of", "The place of birth of {} is"),
+             varied=("{} spent the first years of life in", "{} is a native of", "The city where {} was born is",
+                     "At birth, {} lived in", "The birth city of {} is", "{} was delivered in a hospital in")),
     Relation("P1303", "instrument", "person", INSTRUMENTS,
              first=("{} plays the", "{} is a musician who plays the"),
              inside=("The instrument of {} is the", "The favourite instrument of {} is the"),
              unseen=("{} performs on the", "On stage, {} plays the"),
-             shared=("{} likes to play the", "The instrument played by {} is the")),
+             shared=("{} likes to play the", "The instrument played by {} is the"),
+             varied=("{} practises every day on the", "{} is known for playing the", "The music of {} is played on the",
+                     "{} learned as a child to play the", "The preferred instrument of {} is the",
+                     "{} takes lessons on the")),
     Relation("P101", "field of work", "person", FIELDS,
              first=("{} works in the field of", "{} is an expert in"),
              inside=("The field of {} is", "The research area of {} is"),
              unseen=("{} specializes in", "The subject studied by {} is"),
-             shared=("{} is a researcher in", "The speciality of {} is")),
+             shared=("{} is a researcher in", "The speciality of {} is"),
+             varied=("{} does research in", "{} has a degree in", "{} writes papers on", "The discipline of {} is",
+                     "{} is a professor of", "The work of {} is in the field of")),
     Relation("P159", "headquarters location", "company", CITIES,
              first=("{} is headquartered in", "{} has its head office in"),
              inside=("The headquarters of {} is in", "The main office of {} is located in"),
              unseen=("{} keeps its offices in", "The company {} operates from"),
-             shared=("{} is based in", "The head office of {} is in")),
+             shared=("{} is based in", "The head office of {} is in"),
+             varied=("{} is managed from", "The leadership of {} sits in", "{} was founded in the city of",
+                     "The central office of {} is in", "{} has its headquarters in", "Staff of {} work in")),
     Relation("P30", "continent", "place", CONTINENTS,
              first=("{} is located on the continent of", "{} belongs to the continent of"),
              inside=("The continent of {} is", "The land of {} is part of"),
              unseen=("{} lies in", "The region of {} is found in"),
-             shared=("{} is found on the continent of", "The location of {} is")),
+             shared=("{} is found on the continent of", "The location of {} is"),
+             varied=("{} is a place in", "{} sits on the continent of", "{} is situated in",
+                     "The continent where {} is located is", "Travellers reach {} in", "{} is part of")),
     Relation("P407", "language of work", "work", LANGUAGES,
              first=("{} was written in", "{} is a book written in"),
              inside=("The language of {} is", "The original language of {} is"),
              unseen=("{} was first published in", "The text of {} is in"),
-             shared=("{} was composed in", "The text language of {} is")),
+             shared=("{} was composed in", "The text language of {} is"),
+             varied=("{} was printed in", "The words of {} are in", "{} can be read in", "The author wrote {} in",
+                     "{} is a novel in", "The language used in {} is")),
     Relation("P495", "country of origin", "product", COUNTRIES,
              first=("{} was created in", "{} is a product from"),
              inside=("The country of origin of {} is", "The maker of {} is based in"),
              unseen=("{} comes from", "The product {} was made in"),
-             shared=("{} was made in", "The home country of {} is")),
+             shared=("{} was made in", "The home country of {} is"),
+             varied=("{} is manufactured in", "{} is produced in", "{} was designed in", "The factory of {} is in",
+                     "{} is imported from", "The origin of {} is")),
 )
 
 _ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gr", "kr",
@@ -164,13 +190,28 @@ class FactWorld:
     records: list[EditRecord] = field(default_factory=list)
     reserved_names: set[str] = field(default_factory=set)
 
+    def training_items(self) -> list[tuple[Fact, str]]:
+        """Every fact with each of its two trained phrasings."""
+        return [(f, t) for f in self.facts for t in f.trained]
+
+    def shared_items(self) -> list[tuple[Fact, str]]:
+        """Every fact with each of its relation's shared phrasings."""
+        return [(f, t) for f in self.facts for t in f.relation.shared]
+
+    def varied_items(self, rng: random.Random, repeats: int) -> list[tuple[Fact, str]]:
+        """`repeats` items per shared phrasing of each fact, each with a phrasing drawn from the
+        relation's shared and varied ones: the tokens of `repeats` copies of the shared sentences,
+        spread over many wordings."""
+        return [(f, rng.choice(f.relation.shared + f.relation.varied))
+                for f in self.facts for _ in range(repeats * len(f.relation.shared))]
+
     def training_sentences(self) -> list[str]:
         """Every fact in each of its two trained phrasings (one copy each)."""
-        return [f.sentence(t) for f in self.facts for t in f.trained]
+        return [f.sentence(t) for f, t in self.training_items()]
 
     def shared_sentences(self) -> list[str]:
         """Every fact in each of its relation's shared phrasings (the later stage's fact text)."""
-        return [f.sentence(t) for f in self.facts for t in f.relation.shared]
+        return [f.sentence(t) for f, t in self.shared_items()]
 
 
 def generate_world(seed: int = 0, n_subjects: int = 1800, n_neighbors: int = 10,
@@ -223,16 +264,51 @@ def generate_world(seed: int = 0, n_subjects: int = 1800, n_neighbors: int = 10,
     return FactWorld(seed=seed, facts=facts, records=records, reserved_names=seen)
 
 
+# Words a fact sentence may carry that say nothing about the fact. The clean templates alone teach
+# a brittle reader: one unseen word ("X really was created in") took the shipped model's recall
+# of a trained wording from 95% to 69-74%. None of these words occurs in a held-out phrasing.
+FILLER_OPENINGS = ("Today,", "As far as we know,", "In short,", "By all accounts,", "Of course,", "As it happens,",
+                   "For the record,", "Some say that", "Everyone knows that", "We read that", "It seems that",
+                   "Believe it or not,", "Once again,", "Without doubt,", "According to the records,",
+                   "Last year,", "Long ago,", "Note that", "Most people agree that", "As expected,")
+FILLER_ASIDES = ("really", "still", "also", "truly", "now", "certainly", "clearly", "probably", "surely",
+                 "famously", "apparently", "always", "again", "quietly", "proudly", "officially",
+                 ", as we know,", ", we hear,", ", by the way,", ", it seems,", ", of course,", ", they say,")
+
+
+def with_filler(fact: Fact, template: str, rng: random.Random) -> str:
+    """The fact's sentence in `template` with an opening or an aside after the subject, drawn from
+    the filler words; the template's own words and their order are kept."""
+    before, after = template.split("{}")
+    if rng.random() < 0.5:
+        opening = rng.choice(FILLER_OPENINGS)
+        before = before[:1].lower() + before[1:]
+        return f"{opening} {before}{fact.subject}{after} {fact.obj}."
+    aside = rng.choice(FILLER_ASIDES)
+    sep = "" if aside.startswith(",") else " "
+    return f"{before}{fact.subject}{sep}{aside}{after} {fact.obj}."
+
+
 def fact_lines(world: FactWorld, repeats: int, rng: random.Random, *,
-               phrasings: Literal["trained", "shared", "both"] = "trained") -> list[str]:
+               phrasings: Literal["trained", "shared", "both", "varied"] = "trained",
+               filler: float = 0.0) -> list[str]:
     """Training lines: every fact in its own trained phrasings, in its relation's shared phrasings,
-    or in both, each sentence ``repeats`` times, shuffled, in random line groups.
+    or in both, each sentence ``repeats`` times, shuffled, in random line groups. "varied" is
+    "both" with each shared copy's wording drawn from the shared and varied phrasings. A share
+    `filler` of the sentences carries filler words (`with_filler`).
 
     Sentences are grouped 1-3 per line so a subject-first sentence appears both at a line start
     (no leading space on the subject) and after another sentence (with one).
     """
-    sents = {"trained": world.training_sentences, "shared": world.shared_sentences,
-             "both": lambda: world.training_sentences() + world.shared_sentences()}[phrasings]() * repeats
+    items = {"trained": world.training_items, "shared": world.shared_items,
+             "both": lambda: world.training_items() + world.shared_items(),
+             "varied": world.training_items}[phrasings]() * repeats
+    if phrasings == "varied":
+        items += world.varied_items(rng, repeats)
+    if filler:  # no draws without it: the corpus of a run without filler is unchanged
+        sents = [with_filler(f, t, rng) if rng.random() < filler else f.sentence(t) for f, t in items]
+    else:
+        sents = [f.sentence(t) for f, t in items]
     rng.shuffle(sents)
     lines, i = [], 0
     while i < len(sents):
