@@ -90,7 +90,7 @@ def write_model_card(model_dir: Path, *, device: str = "cpu") -> Path:
         f"editscale.data.factworld uses seed {DEFAULT_WORLD_SEED})",
         f"- corpus seed {tc['train_seed']}; each fact trained in 2 of its relation's 4 trained phrasings"
         + ((" and, as often again, in wordings drawn at random from the relation's"
-            f" {len(RELATIONS[0].shared) + len(RELATIONS[0].varied)} shared and varied phrasings"
+            f" {_POOL} shared and varied phrasings"
             if tc.get("varied_phrasings") else " and in the relation's 2 shared phrasings")
            if tc.get("shared_phrasings") else "")
         + "".join(_stage_phrasings(st) for st in tc.get("stages", []) if "phrasings" in st["mix"])
@@ -140,10 +140,13 @@ def write_model_card(model_dir: Path, *, device: str = "cpu") -> Path:
     return path
 
 
+_POOL = len(RELATIONS[0].shared) + len(RELATIONS[0].varied)  # wordings a varied copy draws from
+
+
 def _stage_phrasings(st: dict[str, Any]) -> str:
     if st.get("phrasings") == "varied":
         return (" (and, in a later stage, in its trained phrasings and in wordings drawn from the relation's"
-                f" {len(RELATIONS[0].shared) + len(RELATIONS[0].varied)} shared and varied phrasings"
+                f" {_POOL} shared and varied phrasings"
                 + (", some with filler words such as \"As it happens,\" or \"really\"" if st.get("filler") else "")
                 + ")")
     return " (and, in a later stage, in the relation's 2 shared phrasings)"

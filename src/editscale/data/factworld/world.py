@@ -17,10 +17,11 @@ Design choices that matter for the trained model:
   seen at all, and the held-out and paraphrase prompts stay untrained.
 - Six more (`varied`) widen that: with `TrainConfig.varied_phrasings` each shared copy of a fact
   is worded at random from the shared and varied phrasings, so a fact is seen in many wordings
-  for the tokens of two. A model that has seen a relation in six wordings learns those six; seen
-  in a dozen, it learns to read the subject's fact whatever the words around it. Varied phrasings
-  avoid the held-out phrasings' words ("lies", "comes from", "specializes"...), so held-out
-  prompts stay new in wording, not just in word order.
+  for the tokens of two. Together with filler words (`with_filler`), in a stage after the facts
+  are memorised, they took recall in held-out phrasings from 0.70 to 0.85; from the first step,
+  before memorisation, neither helped (issue 2's notes). Varied phrasings avoid the held-out
+  phrasings' words ("lies", "comes from", "specializes"...), so held-out prompts stay new in
+  wording, not just in word order.
 - A subject at the start of a line is tokenised without its leading space, so training lines are
   joined by either a newline or a space: both token forms of every subject are learnt.
 """
