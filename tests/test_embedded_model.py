@@ -33,6 +33,18 @@ def test_checkpoint_is_small_safetensors() -> None:
     assert (checkpoint_dir() / "MODEL_CARD.md").exists()
 
 
+def test_was_trained_by_the_default_recipe() -> None:
+    # The card names plain `editscale train-embedded` as the training command: that is only true
+    # while EMBEDDED_CONFIG is the config the shipped checkpoint recorded.
+    import json
+
+    from editscale.data.factworld.train import EMBEDDED_CONFIG
+
+    training = json.loads((checkpoint_dir() / "training.json").read_text())
+    assert training["config"] == EMBEDDED_CONFIG.model_dump()
+    assert not any("initialised_from" in h for h in training.get("history", []))
+
+
 def test_knows_its_facts(embedded) -> None:
     records = default_world().records[::6]  # 300 records spread over the world
     scores = knowledge_scores(embedded.adapter, records)

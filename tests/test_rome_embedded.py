@@ -18,11 +18,17 @@ pytestmark = pytest.mark.skipif(not (checkpoint_dir() / "model.safetensors").exi
                                 reason="the embedded checkpoint is not installed")
 
 
-def test_single_rome_edits_succeed_on_100_records(tmp_path) -> None:
+@pytest.fixture(scope="module")
+def stats_dir(tmp_path_factory: pytest.TempPathFactory):
+    # one statistics cache for the module: block 1's covariance is computed once for all three tests
+    return tmp_path_factory.mktemp("stats")
+
+
+def test_single_rome_edits_succeed_on_100_records(stats_dir) -> None:
     lm = load_model("embedded")
     cls = get_method("rome")
     cfg = cls.default_config("embedded")
-    editor = cls(lm.adapter, cfg, EditContext(lm.name, stats_cache_dir=tmp_path, progress=False))
+    editor = cls(lm.adapter, cfg, EditContext(lm.name, stats_cache_dir=stats_dir, progress=False))
     layer = cfg.layers[0]
     w0 = lm.adapter.get_mlp_out_weight(layer).clone()
     es, ps, ns = [], [], []
@@ -34,14 +40,11 @@ def test_single_rome_edits_succeed_on_100_records(tmp_path) -> None:
         es.append(s.es)
         ps.append(s.ps)
         ns.append(s.ns)
+    # issue 3's criteria. Shipped checkpoint, preset clamp 1.6: ES 0.970, PS 0.850 (no slack: 30 v*
+    # steps give 0.870 but made the 250-edit demo take 6.8 min), NS 0.823 (benchmarks/single_edits.py)
     assert statistics.mean(es) >= 0.95
     assert statistics.mean(ps) >= 0.85
     assert statistics.mean(ns) >= 0.80
-
-
-@pytest.fixture(scope="module")
-def stats_dir(tmp_path_factory: pytest.TempPathFactory):
-    return tmp_path_factory.mktemp("stats")
 
 
 @pytest.mark.parametrize("method", ["memit", "emmet"])

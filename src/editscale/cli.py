@@ -109,7 +109,7 @@ def skills(model: ModelOpt = "embedded",
 
 @app.command()
 def demo(
-    edits: Annotated[int, typer.Option(help="Sequential ROME edits to make.")] = 250,
+    edits: Annotated[int, typer.Option(help="Sequential ROME edits to make.")] = 200,
     out: Annotated[Path, typer.Option(help="Run directory (an unfinished demo there is resumed).")] = Path(
         "editscale-demo"),
     device: DeviceOpt = "cpu",

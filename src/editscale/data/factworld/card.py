@@ -172,6 +172,8 @@ def _sweep_section(path: Path) -> list[str]:
         lines.append(f"| {r['layers'][0]} | {r['es']:.3f} | {r['ps']:.3f} | {r['ns']:.3f} | "
                      f"{r['update_rel_median']:.2f} | {cond:.1e} |")
     lines += ["", f"Measured with: `python {sweep.get('command', 'benchmarks/single_edits.py')}`", ""]
+    if sweep.get("note"):  # e.g. preset values that changed after the sweep chose the block
+        lines += [sweep["note"], ""]
     return lines
 
 
