@@ -12,11 +12,13 @@ from editscale.data.factworld.skills import SKILL_TASKS, skill_training_text
 from editscale.data.factworld.world import (
     FILLER_ASIDES,
     FILLER_OPENINGS,
+    NOISE_WORDS,
     RELATIONS,
     EditRecord,
     fact_lines,
     generate_world,
     with_filler,
+    with_noise,
 )
 from editscale.data.records import EditRecord as RecordType
 from editscale.data.records import validate_records
@@ -162,6 +164,29 @@ def test_filler_keeps_the_fact_and_its_wording_and_avoids_held_out_words(world, 
     held_out = set().union(*(words(t) for r in RELATIONS for t in r.unseen)) - taught
     fillers = set().union(*(words(t) for t in FILLER_OPENINGS + FILLER_ASIDES))
     assert held_out and not held_out & fillers
+
+
+def test_noise_swaps_template_words_for_stand_ins_that_no_held_out_wording_or_object_uses(world):
+    rng = random.Random(5)
+    for r in RELATIONS:
+        for t in r.trained + r.shared + r.varied:
+            for _ in range(10):
+                noisy = with_noise(t, rng)
+                old, new = t.split(" "), noisy.split(" ")
+                assert len(new) == len(old) and new.index("{}") == old.index("{}")
+                swapped = [(a, b) for a, b in zip(old, new) if a != b]
+                assert swapped  # at least one word is swapped
+                assert all(b.lower().strip(",") in NOISE_WORDS for _, b in swapped)
+    held_out = {w.strip(",").lower() for r in RELATIONS for t in r.unseen for w in t.split()}
+    objects = {w.lower() for r in RELATIONS for o in r.objects for w in o.split()}
+    assert len(NOISE_WORDS) > 100 and not set(NOISE_WORDS) & (held_out | objects)
+    # in fact lines: the object and the subject stay, a share of the sentences is changed
+    lines = fact_lines(world, 1, random.Random(2), phrasings="varied", noise=0.5)
+    assert lines != fact_lines(world, 1, random.Random(2), phrasings="varied")
+    sents = [s for line in lines for s in split_sentences(line)]
+    clean = set(world.training_sentences()) | {g.sentence(t) for g in world.facts
+                                               for t in g.relation.shared + g.relation.varied}
+    assert 0.4 < sum(s not in clean for s in sents) / len(sents) < 0.6
 
 
 def test_each_fact_is_trained_in_one_first_and_one_inside_phrasing(world, trained_sentences):

@@ -109,6 +109,7 @@ def write_model_card(model_dir: Path, *, device: str = "cpu") -> Path:
         *[f"- then stage {i}: {st['steps']} steps, rows {_shares(st['mix'])}, lr {st['lr']} cosine to "
           f"{st['min_lr']}" + (f", {st['filler']:.0%} of phrasing sentences with filler words"
                               if st.get("filler") else "")
+          + (f", {st['noise']:.0%} with stand-in words in place of some of the wording's" if st.get("noise") else "")
           for i, st in enumerate(tc.get("stages", []), start=1)],
         *[f"- {h['note']} at step {h['step']} (continued from a saved checkpoint)"
           for h in training.get("history", []) if "initialised_from" in h],
@@ -148,6 +149,8 @@ def _stage_phrasings(st: dict[str, Any]) -> str:
         return (" (and, in a later stage, in its trained phrasings and in wordings drawn from the relation's"
                 f" {_POOL} shared and varied phrasings"
                 + (", some with filler words such as \"As it happens,\" or \"really\"" if st.get("filler") else "")
+                + (", some with words of the wording swapped for common words such as \"over\" or \"told\""
+                   if st.get("noise") else "")
                 + ")")
     return " (and, in a later stage, in the relation's 2 shared phrasings)"
 

@@ -63,6 +63,7 @@ class Stage(BaseModel):
     # worded from the shared and varied phrasings (world.fact_lines)
     phrasings: Literal["shared", "varied"] = "shared"
     filler: float = 0.0  # share of the phrasings stream's sentences carrying filler words
+    noise: float = 0.0  # share of the phrasings stream's sentences with stand-in words (world.with_noise)
 
 
 class TrainConfig(BaseModel):
@@ -255,7 +256,8 @@ def stage_streams(tokenizer: Any, world: FactWorld, cfg: TrainConfig, stage: Sta
     for name in stage.mix:
         if name == "phrasings":
             rng = random.Random(f"phrasings-{cfg.train_seed}-{index}")
-            lines = fact_lines(world, stage.phrasing_repeats, rng, phrasings=stage.phrasings, filler=stage.filler)
+            lines = fact_lines(world, stage.phrasing_repeats, rng, phrasings=stage.phrasings, filler=stage.filler,
+                               noise=stage.noise)
             text = "\n".join(lines) + "\n"
             out[name] = _stream(tokenizer, text, "\n", None, 1.0)
         elif name == "facts":
@@ -488,11 +490,12 @@ def train(cfg: TrainConfig, out_dir: Path, *, init_from: Path | None = None, pro
 
 # The configuration of the shipped checkpoint (`editscale train-embedded` uses it): one run from
 # scratch. The first stage memorises the facts (every fact also in its relation's shared phrasings);
-# the second rewords them (varied phrasings, filler words), which is what lets the model recall a
-# fact in a phrasing it never saw; more of the same wordings does not (pilots E and F, issue 2 notes).
+# the second rewords them (varied phrasings, filler words, stand-in words), which is what lets the
+# model recall a fact in a phrasing it never saw; more of the same wordings does not (pilots E and
+# F, issue 2 notes).
 EMBEDDED_CONFIG = TrainConfig(
     n_layer=6, n_embd=128, n_head=4, block_size=384, batch_size=24, steps=1300, fact_share=0.7, fact_repeats=60,
     shared_phrasings=True, skill_blocks=30000, warmup=100, eval_every=250, save_every=100,
-    stages=[Stage(steps=600, lr=1e-3, min_lr=5e-5, warmup=30, phrasings="varied", filler=0.5,
+    stages=[Stage(steps=600, lr=1e-3, min_lr=5e-5, warmup=30, phrasings="varied", filler=0.5, noise=0.5,
                   mix={"facts": 0.25, "phrasings": 0.45, "paraphrase": 0.075, "entailment": 0.075,
                        "sentiment": 0.075, "acceptability": 0.075})])

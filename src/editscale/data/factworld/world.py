@@ -22,6 +22,11 @@ Design choices that matter for the trained model:
   before memorisation, neither helped (issue 2's notes). Varied phrasings avoid the held-out
   phrasings' words ("lies", "comes from", "specializes"...), so held-out prompts stay new in
   wording, not just in word order.
+- Stand-in words (`with_noise`) swap some words of a wording for common words that no held-out
+  phrasing uses, so a fact must be recalled from what is left of a wording. Extending the
+  rewording stage of the 82.6% checkpoint by 120 steps took held-out recall to 87.4% with half
+  of the sentences so treated, against 83.7% without (all 3,600 held-out prompts); in a rewording
+  stage from the start they took it from 82.6% to 83.6% (the shipped checkpoint).
 - A subject at the start of a line is tokenised without its leading space, so training lines are
   joined by either a newline or a space: both token forms of every subject are learnt.
 """
@@ -290,13 +295,49 @@ def with_filler(fact: Fact, template: str, rng: random.Random) -> str:
     return f"{before}{fact.subject}{sep}{aside}{after} {fact.obj}."
 
 
+# Stand-in words for `with_noise`: common words that name no relation or object. Any word of a
+# held-out phrasing is dropped from the pool, so held-out prompts stay new in wording.
+_NOISE_POOL = (
+    "a", "an", "at", "to", "for", "with", "about", "over", "under", "near", "after", "before", "and", "or",
+    "but", "not", "very", "quite", "just", "only", "that", "this", "these", "those", "his", "her", "their",
+    "our", "one", "two", "some", "many", "most", "each", "every", "all", "any", "new", "old", "big", "small",
+    "good", "great", "long", "short", "early", "late", "young", "famous", "main", "best", "known", "called",
+    "named", "seen", "said", "told", "given", "held", "chosen", "listed", "noted", "shown", "used", "moved",
+    "went", "got", "had", "did", "does", "can", "will", "would", "may", "might", "should", "be", "been",
+    "are", "were", "time", "year", "day", "way", "part", "kind", "side", "end", "point", "case", "fact",
+    "line", "word", "page", "list", "table", "report", "view", "rest", "show", "people", "friend", "story",
+    "team", "group", "house", "door", "window", "road", "tree", "river", "stone", "light", "water", "fire",
+    "green", "blue", "red", "warm", "cold", "quick", "slow", "soon", "here", "there", "then", "never", "often",
+    "sometimes", "maybe", "even", "still", "yet", "so", "too", "much", "more", "less", "such", "same", "other",
+)
+_HELD_OUT_WORDS = {w.strip(",.").lower() for r in RELATIONS for t in r.unseen for w in t.split()}
+_OBJECT_WORDS = {w.lower() for r in RELATIONS for o in r.objects for w in o.split()}
+NOISE_WORDS = tuple(w for w in _NOISE_POOL if w not in _HELD_OUT_WORDS | _OBJECT_WORDS)
+NOISE_RATE = 0.3  # chance that each word of a noisy template is swapped
+
+
+def with_noise(template: str, rng: random.Random) -> str:
+    """`template` with some of its words (at least one, each with chance NOISE_RATE) swapped for
+    stand-in words. A fact then has to be recalled from whatever part of a wording is left, as
+    from a held-out wording, and not from one fixed word sequence."""
+    words = template.split(" ")
+    slots = [i for i, w in enumerate(words) if "{}" not in w]
+    picked = [i for i in slots if rng.random() < NOISE_RATE] or [rng.choice(slots)]
+    for i in picked:
+        was = words[i].strip(",").lower()
+        new = rng.choice([w for w in NOISE_WORDS if w != was]) + ("," if words[i].endswith(",") else "")
+        words[i] = new.capitalize() if i == 0 else new
+    return " ".join(words)
+
+
 def fact_lines(world: FactWorld, repeats: int, rng: random.Random, *,
                phrasings: Literal["trained", "shared", "both", "varied"] = "trained",
-               filler: float = 0.0) -> list[str]:
+               filler: float = 0.0, noise: float = 0.0) -> list[str]:
     """Training lines: every fact in its own trained phrasings, in its relation's shared phrasings,
     or in both, each sentence ``repeats`` times, shuffled, in random line groups. "varied" is
     "both" with each shared copy's wording drawn from the shared and varied phrasings. A share
-    `filler` of the sentences carries filler words (`with_filler`).
+    `filler` of the sentences carries filler words (`with_filler`), a share `noise` stand-in words
+    in place of some of the template's (`with_noise`).
 
     Sentences are grouped 1-3 per line so a subject-first sentence appears both at a line start
     (no leading space on the subject) and after another sentence (with one).
@@ -306,6 +347,8 @@ def fact_lines(world: FactWorld, repeats: int, rng: random.Random, *,
              "varied": world.training_items}[phrasings]() * repeats
     if phrasings == "varied":
         items += world.varied_items(rng, repeats)
+    if noise:  # as with filler: no draws without it
+        items = [(f, with_noise(t, rng)) if rng.random() < noise else (f, t) for f, t in items]
     if filler:  # no draws without it: the corpus of a run without filler is unchanged
         sents = [with_filler(f, t, rng) if rng.random() < filler else f.sentence(t) for f, t in items]
     else:
