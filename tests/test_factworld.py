@@ -180,7 +180,7 @@ def test_noise_swaps_template_words_for_stand_ins_that_no_held_out_wording_or_ob
     held_out = {w.strip(",").lower() for r in RELATIONS for t in r.unseen for w in t.split()}
     objects = {w.lower() for r in RELATIONS for o in r.objects for w in o.split()}
     assert len(NOISE_WORDS) > 100 and not set(NOISE_WORDS) & (held_out | objects)
-    # in fact lines: the object and the subject stay, a share of the sentences is changed
+    # in fact lines: about the asked share of the sentences is changed
     lines = fact_lines(world, 1, random.Random(2), phrasings="varied", noise=0.5)
     assert lines != fact_lines(world, 1, random.Random(2), phrasings="varied")
     sents = [s for line in lines for s in split_sentences(line)]
