@@ -412,9 +412,13 @@ def test_a_run_extended_by_a_stage_resumes_mid_stage(tmp_path, monkeypatch, stub
     other = tmp_path / "straight"
     train(TINY, other, progress=False, log=lambda m: None)
     straight = train(staged, other, progress=False, log=lambda m: None)
-    a, b = _weights(final), _weights(straight)
+    # ... and the same weights as one command with the stage from the start: a first stage may be
+    # trained alone and its stages added later without changing what is trained
+    one_go = train(staged, tmp_path / "one_go", progress=False, log=lambda m: None)
+    a, b, c = _weights(final), _weights(straight), _weights(one_go)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+        torch.testing.assert_close(a[k], c[k], rtol=0, atol=1e-6, msg=k)
 
 
 def test_the_shipped_probe_configs_load():

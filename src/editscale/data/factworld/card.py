@@ -109,10 +109,14 @@ def write_model_card(model_dir: Path, *, device: str = "cpu") -> Path:
         *[f"- then stage {i}: {st['steps']} steps, rows {_shares(st['mix'])}, lr {st['lr']} cosine to "
           f"{st['min_lr']}" + (f", {st['filler']:.0%} of phrasing sentences with filler words"
                               if st.get("filler") else "")
-          + (f", {st['noise']:.0%} with stand-in words in place of some of the wording's" if st.get("noise") else "")
+          + (f", {st['noise']:.0%} with some of their words swapped for stand-in words" if st.get("noise") else "")
           for i, st in enumerate(tc.get("stages", []), start=1)],
         *[f"- {h['note']} at step {h['step']} (continued from a saved checkpoint)"
           for h in training.get("history", []) if "initialised_from" in h],
+        *[f"- this checkpoint's run was extended at step {h['step']} ({h['extended']}): trained that far under"
+          " a shorter config, then rerun in the same directory with the whole one; the saved training state"
+          " (weights, optimizer moments, batch sampler) carries on, so the weights are those of one command"
+          for h in training.get("history", []) if "extended" in h],
         f"- training time: {training['train_minutes']} minutes on {platform.machine()} CPU, "
         + (f"{training['threads']} threads" if "threads" in training else "thread count not recorded")
         + " (measured by the training loop, evaluation excluded)",
