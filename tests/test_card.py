@@ -34,3 +34,13 @@ def test_install_refuses_an_incomplete_or_oversized_checkpoint(tmp_path):
     big = _checkpoint(tmp_path / "big", size=21 * 2**20)
     with pytest.raises(ValueError, match="over the 20 MB"):
         install_checkpoint(big, tmp_path / "pkg2")
+
+
+def test_card_says_how_the_run_was_put_together():
+    from editscale.data.factworld.card import _history_lines
+
+    lines = _history_lines([{"step": 250, "rewrite": 0.5}, {"extended": "stages 0 -> 2", "step": 1300},
+                            {"initialised_from": "ckpt", "step": 1900, "note": "optimizer moments restarted here"}])
+    assert len(lines) == 2
+    assert "extended at step 1300 (stages 0 -> 2)" in lines[0] and "weights are those of one command" in lines[0]
+    assert lines[1] == "- optimizer moments restarted here at step 1900 (continued from a saved checkpoint)"

@@ -111,12 +111,7 @@ def write_model_card(model_dir: Path, *, device: str = "cpu") -> Path:
                               if st.get("filler") else "")
           + (f", {st['noise']:.0%} with some of their words swapped for stand-in words" if st.get("noise") else "")
           for i, st in enumerate(tc.get("stages", []), start=1)],
-        *[f"- {h['note']} at step {h['step']} (continued from a saved checkpoint)"
-          for h in training.get("history", []) if "initialised_from" in h],
-        *[f"- this checkpoint's run was extended at step {h['step']} ({h['extended']}): trained that far under"
-          " a shorter config, then rerun in the same directory with the whole one; the saved training state"
-          " (weights, optimizer moments, batch sampler) carries on, so the weights are those of one command"
-          for h in training.get("history", []) if "extended" in h],
+        *_history_lines(training.get("history", [])),
         f"- training time: {training['train_minutes']} minutes on {platform.machine()} CPU, "
         + (f"{training['threads']} threads" if "threads" in training else "thread count not recorded")
         + " (measured by the training loop, evaluation excluded)",
@@ -157,6 +152,21 @@ def _stage_phrasings(st: dict[str, Any]) -> str:
                    if st.get("noise") else "")
                 + ")")
     return " (and, in a later stage, in the relation's 2 shared phrasings)"
+
+
+def _history_lines(history: list[dict[str, Any]]) -> list[str]:
+    """How the run was put together: continued from a finished checkpoint (fresh optimizer) or
+    extended in its own directory (state carried on, the weights of one command)."""
+    lines = []
+    for h in history:
+        if "initialised_from" in h:
+            lines.append(f"- {h['note']} at step {h['step']} (continued from a saved checkpoint)")
+        elif "extended" in h:
+            lines.append(f"- this checkpoint's run was extended at step {h['step']} ({h['extended']}): trained "
+                         "that far under a shorter config, then rerun in the same directory with the whole one; "
+                         "the saved training state (weights, optimizer moments, batch sampler) carries on, so "
+                         "the weights are those of one command")
+    return lines
 
 
 def _shares(mix: dict[str, float]) -> str:

@@ -25,8 +25,8 @@ Design choices that matter for the trained model:
 - Stand-in words (`with_noise`) swap some words of a wording for common words that no held-out
   phrasing uses, so a fact must be recalled from what is left of a wording. Extending the
   rewording stage of the 82.6% checkpoint by 120 steps took held-out recall to 87.4% with half
-  of the sentences so treated, against 83.7% without (all 3,600 held-out prompts); spread over
-  the whole rewording stage they added one point (83.6%), as a short last stage of their own
+  of the sentences so treated, against 83.7% without (all 3,600 held-out prompts). Spread over
+  the whole rewording stage they added one point (83.6%); in a short last stage of their own,
   four (86.6%, the shipped checkpoint).
 - A subject at the start of a line is tokenised without its leading space, so training lines are
   joined by either a newline or a space: both token forms of every subject are learnt.
