@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from editscale.api import load_records
+from editscale.data.registry import load_records
 from editscale.eval.drift import layer_drift
 from editscale.eval.forgetting import ForgettingTracker
 from editscale.eval.proficiency import edit_scores

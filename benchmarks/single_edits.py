@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import yaml
 
-from editscale.api import load_records
+from editscale.data.registry import load_records
 from editscale.eval.proficiency import edit_scores
 from editscale.methods.base import EditRequest, apply_result, get_method
 from editscale.methods.solver.context import EditContext
@@ -35,8 +35,7 @@ def measure(lm: Any, method: str, overrides: dict[str, Any], records: list[Any],
     cfg = cls.config_class.parse({**cls.default_config(lm.name).model_dump(), **overrides})
     editor = cls(lm.adapter, cfg, ctx)
     editor.prepare()
-    params = [p for layer in cfg.layers for p in lm.adapter.module("mlp_out", layer).parameters(recurse=False)]
-    saved = [p.detach().clone() for p in params]
+    saved = lm.adapter.snapshot(cfg.layers)
     groups = [records[:batch]] if batch else [[r] for r in records]
     scores, results, seconds = [], [], []
     for group in groups:
@@ -45,9 +44,7 @@ def measure(lm: Any, method: str, overrides: dict[str, Any], records: list[Any],
         seconds.append(time.perf_counter() - t0)
         apply_result(lm.adapter, res)
         scores.extend(edit_scores(lm.adapter, group))
-        with torch.no_grad():
-            for p, w in zip(params, saved, strict=True):
-                p.copy_(w)
+        lm.adapter.restore(saved)
         results.append(res)
     diag = [r.diagnostics for r in results]
     keys = sorted(set.intersection(*(set(d) for d in diag))) if diag else []

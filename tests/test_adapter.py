@@ -270,7 +270,7 @@ def test_record_sees_outputs_before_or_after_an_intervention(tokenizers):
 
 
 def reference_rule(tok, template: str, subject: str, mode: str) -> int:
-    """PROTOCOL §2.3 written out independently: pieces tokenised separately, no BOS."""
+    """The reference rule of docs/protocol.md §2.3 written out independently: pieces tokenised separately, no BOS."""
     cut = template.index("{}")
     prefix, suffix = template[:cut], template[cut + 2:]
     word = subject

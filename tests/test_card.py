@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from editscale.data.factworld.card import CHECKPOINT_FILES, SWEEP_FILE, install_checkpoint
+from editscale.embedded.card import CHECKPOINT_FILES, SWEEP_FILE, install_checkpoint
 
 
 def _checkpoint(path, size=16):
@@ -37,7 +37,7 @@ def test_install_refuses_an_incomplete_or_oversized_checkpoint(tmp_path):
 
 
 def test_card_says_how_the_run_was_put_together():
-    from editscale.data.factworld.card import _history_lines
+    from editscale.embedded.card import _history_lines
 
     lines = _history_lines([{"step": 250, "rewrite": 0.5}, {"extended": "stages 0 -> 2", "step": 1300},
                             {"initialised_from": "ckpt", "step": 1900, "note": "optimizer moments restarted here"}])

@@ -1,4 +1,5 @@
-"""The command line: the documented contract, and errors that are one line, never a traceback."""
+"""The command line: the documented contract, options generated from RunConfig, and errors that are
+one line, never a traceback. Commands run in-process; one test runs the installed entry point."""
 
 from __future__ import annotations
 
@@ -9,25 +10,60 @@ import sys
 from pathlib import Path
 
 import pytest
+import typer
+import yaml
+from rich.console import Console
+from typer.testing import CliRunner
 
-from editscale.data.factworld import checkpoint_dir
+import runner_stubs
+from editscale import cli
+from editscale.embedded import checkpoint_dir
+from editscale.run.config import RunConfig
+
+needs_embedded = pytest.mark.skipif(
+    not (checkpoint_dir() / "model.safetensors").exists(),
+    reason="the embedded checkpoint is not installed (train it: editscale train-embedded --install)")
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    # wide columns: rich wraps tables to 80 columns when stdout is not a terminal
-    env = {**os.environ, "COLUMNS": "250"}
-    return subprocess.run([sys.executable, "-m", "editscale.cli", *args], capture_output=True, text=True,
-                          timeout=300, env=env)
+@pytest.fixture
+def run_cli(monkeypatch, capsys):
+    """Run `editscale ARGS` in this process: (exit status, stdout, stderr)."""
+    # wide consoles: rich wraps tables to 80 columns when stdout is not a terminal
+    monkeypatch.setattr(cli, "console", Console(width=250))
+    monkeypatch.setattr(cli, "err_console", Console(stderr=True, width=250))
+
+    def invoke(*args: str) -> tuple[int, str, str]:
+        code = 0
+        try:
+            cli.main(list(args))
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return invoke
 
 
-def test_models_lists_families_and_presets() -> None:
-    res = run_cli("models")
-    assert res.returncode == 0, res.stderr
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, str]:
+    return runner_stubs.make_world(tmp_path_factory.mktemp("world"))
+
+
+def test_models_lists_families_and_presets(run_cli) -> None:
+    code, out, err = run_cli("models")
+    assert code == 0, err
     for name in ("gpt2", "gptj", "gpt_neox", "llama", "gpt2-xl", "EleutherAI/gpt-j-6b", "embedded"):
-        assert name in res.stdout
+        assert name in out
 
 
-def test_malformed_counterfact_record_is_named(tmp_path: Path) -> None:
+def test_methods_lists_every_method_and_its_presets(run_cli) -> None:
+    code, out, err = run_cli("methods")
+    assert code == 0, err
+    for name in ("rome", "r-rome", "memit", "emmet", "alphaedit", "ft-c", "gpt2-xl"):
+        assert name in out
+
+
+def test_malformed_counterfact_record_is_named(run_cli, tmp_path: Path) -> None:
     good = {"case_id": 3, "requested_rewrite": {"prompt": "{} plays the", "subject": "Ann Lee",
             "relation_id": "P1303", "target_new": {"str": "piano", "id": "Q1"},
             "target_true": {"str": "violin", "id": "Q2"}},
@@ -37,15 +73,12 @@ def test_malformed_counterfact_record_is_named(tmp_path: Path) -> None:
     del bad["requested_rewrite"]["target_new"]["str"]
     path = tmp_path / "cf.json"
     path.write_text(json.dumps([good, bad]))
-    res = run_cli("validate-data", "--dataset", "counterfact", "--data-path", str(path))
-    assert res.returncode == 2
-    assert "Traceback" not in res.stderr
-    assert "#1" in res.stderr and "case_id=7" in res.stderr and "target_new.str" in res.stderr
-
+    code, out, err = run_cli("validate-data", "--dataset", "counterfact", "--data-path", str(path))
+    assert code == 2 and "Traceback" not in err
+    assert "#1" in err and "case_id=7" in err and "target_new.str" in err
     path.write_text(json.dumps([good]))
-    res = run_cli("validate-data", "--dataset", "counterfact", "--data-path", str(path))
-    assert res.returncode == 0, res.stderr
-    assert "1 valid" in res.stdout
+    code, out, err = run_cli("validate-data", "--dataset", "counterfact", "--data-path", str(path))
+    assert code == 0 and "1 valid" in out, err
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -53,70 +86,112 @@ def test_malformed_counterfact_record_is_named(tmp_path: Path) -> None:
     (("facts", "--model", "/nonexistent/model/dir"), "/nonexistent/model/dir"),
     (("skills", "--tasks", "sentiment,nosuch"), "unknown downstream task"),
     (("validate-data", "--dataset", "counterfact", "--data-path", "/nonexistent.json"), "does not exist"),
+    (("run", "--out", "x", "--edits", "0"), "edits: Input should be greater than or equal to 1"),
+    (("run", "--out", "x", "--forgetting", "sometimes"), "forgetting: Input should be 'paper' or 'probability'"),
+    (("run", "--out", "x", "--set", "novalue"), "--set expects KEY=VALUE"),
 ])
-def test_bad_input_is_one_clear_line(args: tuple[str, ...], needle: str) -> None:
-    res = run_cli(*args)
-    assert res.returncode == 2, (res.stdout, res.stderr)
-    assert "Traceback" not in res.stderr
-    assert needle in res.stderr
-
-
-needs_embedded = pytest.mark.skipif(
-    not (checkpoint_dir() / "model.safetensors").exists(),
-    reason="the embedded checkpoint is not installed (train it: editscale train-embedded --install)")
+def test_bad_input_is_one_clear_line(run_cli, args: tuple[str, ...], needle: str) -> None:
+    code, out, err = run_cli(*args)
+    assert code == 2, (out, err)
+    assert "Traceback" not in err and needle in err
 
 
 @needs_embedded
-def test_facts_json_contract() -> None:
-    res = run_cli("facts", "--model", "embedded", "--n", "50", "--json")
-    assert res.returncode == 0, res.stderr
-    out = json.loads(res.stdout)
+def test_facts_json_contract(run_cli) -> None:
+    code, out, err = run_cli("facts", "--model", "embedded", "--n", "50", "--json")
+    assert code == 0, err
+    scores = json.loads(out)
     for key in ("known_rewrite", "known_paraphrase", "known_neighborhood", "known_unseen"):
-        assert 0.0 <= out[key] <= 1.0
-    assert out["n_records"] == 50
+        assert 0.0 <= scores[key] <= 1.0
+    assert scores["n_records"] == 50
 
 
 @needs_embedded
-def test_skills_json_contract() -> None:
-    res = run_cli("skills", "--model", "embedded", "--n", "20", "--json")
-    assert res.returncode == 0, res.stderr
-    out = json.loads(res.stdout)
-    assert set(out) >= {"sentiment", "paraphrase", "acceptability", "entailment"}
-    assert all(0.0 <= out[t]["f1"] <= 1.0 and out[t]["total"] == 20 for t in
+def test_skills_json_contract(run_cli) -> None:
+    code, out, err = run_cli("skills", "--model", "embedded", "--n", "20", "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert all(0.0 <= res[t]["f1"] <= 1.0 and res[t]["total"] == 20 for t in
                ("sentiment", "paraphrase", "acceptability", "entailment"))
 
 
-@pytest.mark.skipif(not (checkpoint_dir() / "model.safetensors").exists(), reason="embedded checkpoint absent")
-def test_run_then_resume_and_methods(tmp_path: Path) -> None:
+def test_every_run_config_field_is_a_run_option() -> None:
+    command = typer.main.get_command(cli.app).commands["run"]
+    options = {opt for p in command.params for opt in p.opts}
+    for name in RunConfig.model_fields:
+        if name == "method_config":  # reached through --method-config FILE and --set KEY=VALUE
+            assert {"--method-config", "--set"} <= options
+        else:
+            assert f"--{name.replace('_', '-')}" in options, name
+    by_name = {p.name: p for p in command.params}
+    assert "Number of facts to edit. [default: 100]" in by_name["edits"].help
+
+
+def test_options_reach_the_run_config_over_a_config_file(tmp_path: Path) -> None:
+    seen = {}
+    app = typer.Typer()
+
+    @app.command()
+    @cli.run_config_options
+    def fake(options: dict, config: Path | None = None, set_: list[str] | None = typer.Option(None, "--set")) -> None:
+        seen["cfg"] = cli.build_run_config(options, config=config, sets=set_)
+
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({"edits": 5, "sample": 3, "method_config": {"v_lr": 0.1}}))
+    result = CliRunner().invoke(app, ["--config", str(tmp_path / "run.yaml"), "--sample", "4", "--downstream", "none",
+                                      "--glue-dir", "/g", "--set", "v_lr=0.2", "--set", "layers=[2]"])
+    assert result.exit_code == 0, result.output
+    cfg = seen["cfg"]
+    assert (cfg.edits, cfg.sample, cfg.downstream, cfg.glue_dir) == (5, 4, [], "/g")
+    assert cfg.method_config == {"v_lr": 0.2, "layers": [2]}
+    assert cfg.batch_size == RunConfig().batch_size  # not given: RunConfig's default
+
+
+def test_run_resume_skills_and_compare(run_cli, world, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("EDITSCALE_TASKS", world["tasks"])
     out = tmp_path / "run"
-    fast = ("--set", "v_num_grad_steps=4", "--set", "context_template_length_params=[[5, 2]]",
-            "--set", "mom2_n_samples=200", "--stats-cache", str(tmp_path / "stats"), "--no-progress",
-            "--downstream", "sentiment", "--downstream-n", "10", "--downstream-every", "2")
-    res = run_cli("run", "--out", str(out), "--edits", "4", "--eval-every", "2", "--control", "5", *fast)
-    assert res.returncode == 0, res.stderr
-    assert "mean ES" in res.stdout and "edits.jsonl" in res.stdout
+    args = ("run", "--out", str(out), "--model", world["model"], "--method", "stub", "--dataset", "counterfact",
+            "--data-path", world["data"], "--edits", "4", "--eval-every", "2", "--control", "5", "--set",
+            "layers=[1]", "--no-progress", "--downstream", "tiny_sentiment", "--downstream-n", "4",
+            "--downstream-every", "2")
+    code, stdout, err = run_cli(*args)
+    assert code == 0, err
+    assert "mean ES" in stdout and "edits.jsonl" in stdout
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["edits_done"] == 4 and set(summary["downstream_final_f1"]) == {"sentiment"}
-    res = run_cli("skills", "--model", str(out), "--tasks", "sentiment", "--n", "10", "--json")
-    assert res.returncode == 0, res.stderr
-    assert "after 4 edits" in json.loads(res.stdout)["model"]
-    res = run_cli("resume", str(out), "--no-progress")  # a finished run resumes to the same summary
-    assert res.returncode == 0, res.stderr
+    assert summary["edits_done"] == 4 and set(summary["downstream_final_f1"]) == {"tiny_sentiment"}
+    code, stdout, err = run_cli("skills", "--model", str(out), "--tasks", "tiny_sentiment", "--n", "4", "--json")
+    assert code == 0, err
+    assert "after 4 edits" in json.loads(stdout)["model"]
+    code, stdout, err = run_cli("resume", str(out), "--no-progress")  # a finished run resumes to the same summary
+    assert code == 0, err
     assert json.loads((out / "summary.json").read_text())["mean_es"] == summary["mean_es"]
-    res = run_cli("run", "--out", str(out), "--edits", "5", "--eval-every", "2", "--control", "5", *fast)
-    assert res.returncode == 2 and "holds another run" in res.stderr and "Traceback" not in res.stderr
-    res = run_cli("run", "--out", str(tmp_path / "x"), "--set", "clamp_norm_factr=2")
-    assert res.returncode == 2 and "clamp_norm_factr" in res.stderr and "Traceback" not in res.stderr
-    res = run_cli("compare", str(out), "--json")
+    code, stdout, err = run_cli(*args)  # the same command on the same directory: nothing left to do
+    assert code == 0, err
+    code, stdout, err = run_cli(*args[:-6], "--edits", "5")
+    assert code == 2 and "holds another run" in err and "Traceback" not in err
+    code, stdout, err = run_cli("run", "--out", str(tmp_path / "x"), "--set", "clamp_norm_factr=2")
+    assert code == 2 and "clamp_norm_factr" in err and "Traceback" not in err
+    code, stdout, err = run_cli("compare", str(out), "--json")
+    assert code == 0, err
+    (row,) = json.loads(stdout)
+    assert row["method"] == "stub" and row["edits"] == 4 and set(row["f1"]) == {"tiny_sentiment"}
+    code, stdout, err = run_cli("compare", str(out), "--markdown")
+    assert code == 0, err
+    header, rule, line = stdout.strip().splitlines()
+    assert header.startswith("| run | method |") and "F1 tiny_sentiment" in header and rule.startswith("|---|")
+    assert line.split(" | ")[1:4] == ["stub", "1", "4"]
+
+
+def test_the_installed_command_end_to_end(world, tmp_path: Path) -> None:
+    """One real process: the entry point, a run with FT-C on a tiny model, and an error's exit status."""
+    env = {**os.environ, "COLUMNS": "250"}
+    exe = [sys.executable, "-m", "editscale.cli"]
+    out = tmp_path / "run"
+    res = subprocess.run([*exe, "run", "--out", str(out), "--model", world["model"], "--method", "ft-c",
+                          "--dataset", "counterfact", "--data-path", world["data"], "--edits", "3", "--control", "3",
+                          "--downstream", "none", "--set", "layers=[1]", "--set", "num_steps=2", "--no-progress"],
+                         capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr
-    (row,) = json.loads(res.stdout)
-    assert row["method"] == "rome" and row["edits"] == 4 and set(row["f1"]) == {"sentiment"}
-    res = run_cli("compare", str(out), "--markdown")
-    assert res.returncode == 0, res.stderr
-    header, rule, line = res.stdout.strip().splitlines()
-    assert header.startswith("| run | method |") and "F1 sentiment" in header and rule.startswith("|---|")
-    assert line.split(" | ")[1:4] == ["rome", "1", "4"]
-    res = run_cli("methods")
-    assert res.returncode == 0
-    for name in ("rome", "r-rome", "memit", "emmet", "alphaedit", "ft-c", "gpt2-xl"):
-        assert name in res.stdout
+    assert json.loads((out / "summary.json").read_text())["edits_done"] == 3
+    res = subprocess.run([*exe, "run", "--out", str(tmp_path / "y"), "--method", "nosuch"], capture_output=True,
+                         text=True, timeout=300, env=env)
+    assert res.returncode == 2 and "unknown method 'nosuch'" in res.stderr and "Traceback" not in res.stderr

@@ -7,9 +7,9 @@ import json
 import pytest
 import yaml
 
+from editscale.data.fewshot import MRPC_FORMAT, RTE_FORMAT, SST2_FORMAT
 from editscale.errors import EditscaleError, RecordError, UnknownNameError
 from editscale.eval.downstream.registry import get_tasks, load_task_file, task_registry
-from editscale.eval.downstream.templates import MRPC_FORMAT, RTE_FORMAT, SST2_FORMAT
 
 
 def test_builtin_tasks_and_paper_prompts() -> None:
@@ -21,7 +21,7 @@ def test_builtin_tasks_and_paper_prompts() -> None:
                              "Review : rich veins of funny stuff in this movie\nSentiment : positive\n\n")
     assert prompt.endswith("\n\nReview : a fine film\nSentiment :")
     mrpc = tasks["mrpc"]
-    assert [y for _, y in mrpc.demos] == [0, 1, 0, 1, 1, 0]  # the code's order (spec §9.7)
+    assert [y for _, y in mrpc.demos] == [0, 1, 0, 1, 1, 0]  # the code's order (docs/protocol.md §8.5)
     assert mrpc.demos[0][0]["sentence1"].startswith("Mr McDevitt")
     rte = tasks["rte"]
     assert [RTE_FORMAT.label_words[y] for _, y in rte.demos] == ["False", "True", "False"]

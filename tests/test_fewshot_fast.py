@@ -10,10 +10,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import editscale.data.factworld as factworld
+from editscale.data.fewshot import MRPC_FORMAT, RTE_FORMAT, SST2_FORMAT, FewShotFormat
 from editscale.errors import EditscaleError
 from editscale.eval.downstream.fast import evaluate_fewshot_fast, prefix_split
 from editscale.eval.downstream.fewshot import evaluate_fewshot, prompt_token_ids
-from editscale.eval.downstream.templates import MRPC_FORMAT, RTE_FORMAT, SST2_FORMAT, FewShotFormat
 from tiny_models import tiny_config, tokenizer_for
 
 WORDS = ("Paris is located in France", "the film was a dull mess", "Apple developed the piano",

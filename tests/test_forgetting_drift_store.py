@@ -1,4 +1,5 @@
-"""Forgetting semantics (spec §9.6, acceptance check 8), the paper's curves, drift, and the store."""
+"""Forgetting semantics (docs/protocol.md §8.4: sticky paper criterion, re-tested probability criterion), the
+paper's curves, drift, and the store."""
 
 from __future__ import annotations
 

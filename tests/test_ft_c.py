@@ -1,4 +1,4 @@
-"""FT-C (spec §7) on tiny random models: the L∞ clamp, the loss definitions, restoration, presets."""
+"""FT-C (docs/protocol.md §7) on tiny random models: the L∞ clamp, the loss definitions, restoration, presets."""
 
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ def _setup(model_type: str, **overrides):
 
 
 def _last_position_loss(model, tok, request: EditRequest) -> float:
-    """Spec §7's loss for one request: every target token's log-prob at the single last prompt position."""
+    """The reference FT-C loss (docs/protocol.md §7) for one request: every target token's log-prob at the
+    single last prompt position."""
     ids = tok(request.prompt.format(request.subject))["input_ids"]
     target = tok(" " + request.target_new)["input_ids"]
     with torch.no_grad():

@@ -6,7 +6,6 @@ import pytest
 import torch
 from transformers import OPTConfig
 
-import editscale.data.factworld as factworld
 from editscale.errors import EditscaleError, UnknownNameError
 from editscale.models import loading
 from editscale.models.loading import PRESETS, find_preset, list_presets, load_model
@@ -48,25 +47,26 @@ def test_dtype_is_applied(tmp_path):
         load_model(tmp_path, dtype="float8")
 
 
-def test_embedded_resolves_through_factworld(tmp_path, monkeypatch):
+def test_embedded_resolves_to_the_shipped_checkpoint_dir(tmp_path, monkeypatch):
     save_tiny(tmp_path, "gpt_neox")
-    monkeypatch.setattr(factworld, "checkpoint_dir", lambda: tmp_path, raising=False)
+    monkeypatch.setattr(loading, "embedded_checkpoint_dir", lambda: tmp_path)
     loaded = load_model("embedded")
     assert loaded.name == "embedded" and loaded.adapter.name == "embedded"
     assert loaded.family.name == "gpt_neox" and loaded.preset is PRESETS["embedded"]
     assert loaded.source == str(tmp_path)
 
 
-def test_embedded_without_a_checkpoint_is_a_clear_error(monkeypatch):
-    monkeypatch.delattr(factworld, "checkpoint_dir", raising=False)
-    with pytest.raises(EditscaleError, match="embedded model"):
-        load_model("embedded")
-
-
 def test_embedded_checkpoint_directory_must_exist(tmp_path, monkeypatch):
-    monkeypatch.setattr(factworld, "checkpoint_dir", lambda: tmp_path / "missing", raising=False)
-    with pytest.raises(EditscaleError, match="checkpoint is missing"):
+    monkeypatch.setattr(loading, "embedded_checkpoint_dir", lambda: tmp_path / "missing")
+    with pytest.raises(EditscaleError, match="embedded model checkpoint is missing"):
         load_model("embedded")
+
+
+def test_the_embedded_package_points_at_the_same_checkpoint():
+    from editscale.embedded import checkpoint_dir
+
+    assert checkpoint_dir() == loading.embedded_checkpoint_dir()
+    assert checkpoint_dir().parent.name == "embedded"
 
 
 def test_unknown_family_fails_before_loading_weights(tmp_path):

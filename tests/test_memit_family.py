@@ -1,4 +1,4 @@
-"""MEMIT, EMMET and AlphaEdit checked against their equations (spec §4-6), computed independently here.
+"""MEMIT, EMMET and AlphaEdit checked against their equations (docs/protocol.md §4-6), computed independently here.
 
 Keys and hidden states are read with hooks written in this file on tiny random models of both weight
 storages (GPT-2 Conv1D, GPT-J Linear); the statistics C are explicit SPD matrices.
@@ -60,7 +60,7 @@ def _read(model: torch.nn.Module, tok, module: torch.nn.Module, template: str, s
 
 
 def _key(model, tok, model_type: str, layer: int, request: EditRequest) -> torch.Tensor:
-    """MEMIT's key: ½ k(bare prompt) + ½ mean of the prefixed templates' keys (spec §4.3). [d_mlp] fp64."""
+    """MEMIT's key: ½ k(bare prompt) + ½ mean of the prefixed templates' keys (docs/protocol.md §4.3). [d_mlp] fp64."""
     module = _mlp_out(model, model_type, layer)
     keys = [_read(model, tok, module, t.replace("{}", request.prompt), request.subject, what="in")
             for t in TEMPLATES]
@@ -111,7 +111,7 @@ def test_memit_single_edit_is_sherman_morrison(model_type: str) -> None:
     c_inv_k = torch.linalg.solve(c, k)
     sherman_morrison = torch.outer(r, c_inv_k) / (lam + k @ c_inv_k)
 
-    # acceptance check 5: the solve form equals Sherman-Morrison to 1e-6 in fp64, for the same k and r
+    # docs/protocol.md §4.4: the solve form equals Sherman-Morrison to 1e-6 in fp64, for the same k and r
     exact = editor.layer_update(LayerStep(0, layer, 1, k.unsqueeze(1), r.unsqueeze(1)))
     assert exact.dtype == torch.float64
     assert _rel(exact, sherman_morrison) < 1e-6
@@ -132,7 +132,7 @@ def test_memit_spreads_the_residual_over_layers(model_type: str) -> None:
     for layer in layers:
         assert torch.equal(adapter.get_mlp_out_weight(layer), saved[layer])
 
-    # the loop of spec §4.4, written out: keys and cur_Z on the model carrying the earlier layers' updates
+    # the loop of docs/protocol.md §4.4, written out: keys and cur_Z on the model carrying the earlier layers' updates
     z = _z(adapter, cfg, REQUESTS)  # Z is computed once, on the unedited model
     z_layer = layers[-1]
     expected = {}
@@ -199,7 +199,7 @@ def test_emmet_single_edit_is_consistent_key_rome(model_type: str) -> None:
     c_inv_k = torch.linalg.solve(c, k)
     rome = torch.outer(r, c_inv_k) / (k @ c_inv_k)  # r kᵀC⁻¹ / (kᵀC⁻¹k)
 
-    # acceptance check 6, for the same k and r
+    # docs/protocol.md §5: one edit on one layer is ROME with a consistent key, for the same k and r
     exact = editor.layer_update(LayerStep(0, layer, 1, k.unsqueeze(1), r.unsqueeze(1)))
     assert _rel(exact, rome) < 1e-8
     torch.testing.assert_close(exact @ k, r)  # the edit holds with equality

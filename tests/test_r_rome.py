@@ -1,4 +1,4 @@
-"""r-ROME (spec §3) is ROME with another key mode: its registration, defaults and presets.
+"""r-ROME (docs/protocol.md §3) is ROME with another key mode: its registration, defaults and presets.
 
 The maths (u·k̄ > 0, ΔW k̄ = v* − v̄) is checked on RomeEditor in test_rome.py.
 """

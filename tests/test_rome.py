@@ -1,4 +1,4 @@
-"""ROME's update checked against the closed-form equation, computed independently here (spec §2.7)."""
+"""ROME's update checked against the closed-form equation, computed independently here (docs/protocol.md §2.7)."""
 
 from __future__ import annotations
 

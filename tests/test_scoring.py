@@ -9,9 +9,9 @@ import torch
 from sklearn.metrics import f1_score, matthews_corrcoef
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from editscale.data.fewshot import MRPC_FORMAT, SST2_FORMAT
 from editscale.data.records import EditRecord
 from editscale.eval.downstream.fewshot import evaluate_fewshot, fewshot_metrics
-from editscale.eval.downstream.templates import MRPC_FORMAT, SST2_FORMAT
 from editscale.eval.knowledge import knowledge_scores, record_prompts, score_prompt_pairs
 from editscale.eval.scoring import greedy_generate, score_continuations
 from editscale.models.adapter import ModelAdapter

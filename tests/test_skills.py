@@ -24,7 +24,7 @@ from editscale.data.factworld.skills import (
     skill_training_text,
 )
 from editscale.data.factworld.world import RELATIONS, generate_world, make_name
-from editscale.eval.downstream.templates import COLA_FORMAT, FORMATS, MRPC_FORMAT, RTE_FORMAT, SST2_FORMAT
+from editscale.data.fewshot import COLA_FORMAT, FORMATS, MRPC_FORMAT, RTE_FORMAT, SST2_FORMAT
 
 
 @pytest.fixture(scope="module")

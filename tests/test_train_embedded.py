@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import editscale.data.factworld.train as train_mod
+import editscale.embedded.train as train_mod
 from editscale.data.factworld.skills import SKILL_TASKS
-from editscale.data.factworld.train import (
+from editscale.data.factworld.world import generate_world
+from editscale.embedded.train import (
     Stage,
     TrainConfig,
     build_streams,
@@ -25,7 +25,6 @@ from editscale.data.factworld.train import (
     train,
     train_tokenizer,
 )
-from editscale.data.factworld.world import generate_world
 
 TINY = TrainConfig(n_subjects=90, n_layer=1, n_embd=32, n_head=2, n_positions=512, block_size=64, batch_size=4,
                    steps=6, warmup=2, eval_every=1000, save_every=3, fact_repeats=1, skill_blocks=50,
@@ -150,43 +149,8 @@ def test_skill_mix_sets_the_share_of_each_skill(small_streams):
         TrainConfig(skill_mix={"paraphrase": 1.0})
 
 
-def test_recall_drill_is_a_stream_answered_at_every_item(small_streams):
-    cfg, tok, _, _, _ = small_streams
-    drilled = cfg.model_copy(update={"recall_lines": 12})
-    world = generate_world(cfg.world_seed, cfg.n_subjects)
-    streams = build_streams(tok, world, drilled)
-    s = streams["recall"]
-    before = _decoded_ends(tok, s.ids)
-    answered = np.flatnonzero(s.weights > 1)
-    text = before[-1]
-    # the weighted token starts the answer word (a tiny tokenizer may split the word itself)
-    assert {text[len(before[i]):].split(" ,")[0].split("\n")[0] for i in answered} == {" seen", " new"}
-    assert len(answered) == before[-1].count(" : ")
-    with pytest.raises(ValueError, match="skill_mix needs a share >= 0 for each of .*recall"):
-        TrainConfig(recall_lines=5, skill_mix={name: 1.0 for name in SKILL_TASKS})
-    TrainConfig(recall_lines=5, skill_mix={name: 1.0 for name in [*SKILL_TASKS, "recall"]})
-
-
-def test_recall_drill_answers_follow_the_list():
-    from editscale.data.factworld.skills import recall_drill_text
-
-    text = recall_drill_text(random.Random(0), set(), 50)
-    assert text == recall_drill_text(random.Random(0), set(), 50)
-    lines = text.split("\n\n")[:-1]
-    assert len(lines) == 50
-    previous: set[str] = set()
-    for line in lines:
-        seen: list[str] = []
-        for entry in line.split(" , "):
-            item, answer = entry.rsplit(" : ", 1)
-            assert answer == ("seen" if item in seen else "new"), line
-            assert not (answer == "new" and item in previous)  # a new item is not from the list before
-            seen.append(item)
-        previous = set(seen)
-
-
 def test_train_config_from_yaml(tmp_path):
-    from editscale.data.factworld.train import load_train_config
+    from editscale.embedded.train import load_train_config
     from editscale.errors import EditscaleError
 
     good = tmp_path / "probe.yaml"
@@ -422,7 +386,7 @@ def test_a_run_extended_by_a_stage_resumes_mid_stage(tmp_path, monkeypatch, stub
 
 
 def test_the_shipped_probe_configs_load():
-    from editscale.data.factworld.train import EMBEDDED_CONFIG, load_train_config
+    from editscale.embedded.train import EMBEDDED_CONFIG, load_train_config
 
     probes = sorted((Path(__file__).parents[1] / "benchmarks" / "probes").glob("*.yaml"))
     assert probes

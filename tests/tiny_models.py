@@ -55,7 +55,7 @@ def sentencepiece_tokenizer(vocab_size: int = 200) -> PreTrainedTokenizerFast:
     """A Llama-2-style tokenizer: "▁" marks spaces, BOS is prepended by the post-processor.
 
     Like the legacy Llama-2 tokenizer it always prepends "▁", so " Paris" on its own becomes
-    "▁", "▁Paris" and not what "Paris" is after a space inside a sentence (pitfall 9).
+    "▁", "▁Paris" and not what "Paris" is after a space inside a sentence (docs/protocol.md §10.8).
     """
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.normalizer = normalizers.Prepend("▁")
@@ -114,7 +114,7 @@ def tokenizer_for(model_type: str) -> PreTrainedTokenizerFast:
 
 
 def reference_subject_last(tok, template: str, subject: str) -> int:
-    """The reference's piecewise subject-last index (spec §2.3): right for byte-level BPE without BOS.
+    """The reference's piecewise subject-last index (docs/protocol.md §2.3): right for byte-level BPE without BOS.
 
     Tests use it as an independent check of the adapter's offset-based indices.
     """

@@ -1,11 +1,24 @@
-"""editscale: edit facts inside causal language models at scale and measure what that does."""
+"""editscale: edit facts inside causal language models at scale and measure what that does.
+
+`import editscale` is light; the names of `editscale.api` (load_model, load_records, Runner, ...)
+are imported on first use, so importing any submodule does not pull in the whole library.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 __version__ = "0.1.0"
 
-from editscale.api import evaluate_skills, layer_scan, load_records  # noqa: E402
-from editscale.data.records import EditRecord  # noqa: E402
-from editscale.models.loading import load_model  # noqa: E402
 
-__all__ = ["EditRecord", "__version__", "evaluate_skills", "layer_scan", "load_model", "load_records"]
+def __getattr__(name: str) -> Any:
+    import importlib
+
+    api = importlib.import_module("editscale.api")
+    if name in api.__all__:
+        return getattr(api, name)
+    raise AttributeError(f"module 'editscale' has no attribute {name!r}")
+
+
+__all__ = ["__version__", "EditRecord", "RunConfig", "Runner", "evaluate_skills", "get_method", "knowledge_scores",
+           "layer_scan", "list_methods", "load_model", "load_records", "load_run_model", "resolve_method_config"]

@@ -1,9 +1,16 @@
-"""The `editscale` command line. Thin: it parses options, calls the library, prints with rich."""
+"""The `editscale` command line. Thin: it parses options, calls the library, prints with rich.
+
+Imports of the library sit inside the commands: `editscale --help` and the quick commands then
+start without loading torch's model code, the datasets or every method.
+"""
 
 from __future__ import annotations
 
+import functools
+import inspect as pyinspect
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from editscale.errors import EditscaleError
+from editscale.run.config import RunConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Edit facts inside causal language models at scale and measure what that does.")
@@ -21,11 +29,87 @@ err_console = Console(stderr=True)
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Preset name, hub name or local directory.")]
 DeviceOpt = Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda:0.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON only.")]
+ProgressOpt = Annotated[bool, typer.Option(help="Show a progress bar.")]
 
 
 def _emit_json(obj: Any) -> None:
     # plain print: rich would wrap long lines and break JSON for tools reading stdout
     print(json.dumps(obj, indent=2))
+
+
+# ---------------------------------------------------------------------- RunConfig -> options
+
+# method_config is reached through --method-config FILE and --set KEY=VALUE
+RUN_OPTION_FIELDS = [name for name in RunConfig.model_fields if name != "method_config"]
+_SHORT = {"model": ["-m"]}
+
+
+def _option_value(name: str, value: Any) -> Any:
+    """A RunConfig field's value from its command-line form."""
+    if name == "downstream":
+        return [] if value.strip().lower() == "none" else [t.strip() for t in value.split(",") if t.strip()]
+    return value
+
+
+def run_config_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Give a command one option per RunConfig field (help and default from the field); the
+    command receives the options given on the command line as `options` (a dict)."""
+    own = pyinspect.signature(command, eval_str=True)
+    generated = []
+    for name in RUN_OPTION_FIELDS:
+        field = RunConfig.model_fields[name]
+        kind = int if field.annotation is int else str
+        default = field.get_default(call_default_factory=True)
+        shown = "the model's default set" if name == "downstream" else default
+        opt = typer.Option(f"--{name.replace('_', '-')}", *_SHORT.get(name, []),
+                           help=f"{field.description} [default: {shown}]", show_default=False)
+        generated.append(pyinspect.Parameter(name, pyinspect.Parameter.KEYWORD_ONLY, default=None,
+                                             annotation=Annotated[kind | None, opt]))
+    params = [p for p in own.parameters.values() if p.name != "options"]
+    params = [p.replace(kind=pyinspect.Parameter.KEYWORD_ONLY) for p in params] + generated
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> Any:
+        options = {n: _option_value(n, kwargs.pop(n)) for n in RUN_OPTION_FIELDS if kwargs.get(n) is not None}
+        for n in RUN_OPTION_FIELDS:
+            kwargs.pop(n, None)
+        return command(options=options, **kwargs)
+
+    wrapper.__signature__ = own.replace(parameters=params)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    del wrapper.__wrapped__  # typer must read the generated signature, not the command's own
+    return wrapper
+
+
+def _parse_sets(items: list[str] | None) -> dict[str, Any]:
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise EditscaleError(f"--set expects KEY=VALUE, got '{item}'")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def build_run_config(options: dict[str, Any], *, config: Path | None = None, method_config: Path | None = None,
+                     sets: list[str] | None = None) -> RunConfig:
+    """RunConfig defaults, then the --config file, then the options given; method hyper-parameters:
+    the file's, then --method-config, then --set (the method's preset is filled in by the runner)."""
+    from editscale.config_files import read_yaml_mapping
+    from editscale.run.config import read_config_file
+
+    fields = read_config_file(config) if config is not None else {}
+    fields = {**fields, **options}
+    method = dict(fields.get("method_config") or {})
+    if method_config is not None:
+        method.update(read_yaml_mapping(method_config, "method config"))
+    method.update(_parse_sets(sets))
+    return RunConfig.parse({**fields, "method_config": method}, source="command line")
+
+
+# ---------------------------------------------------------------------- commands
 
 
 @app.command()
@@ -55,7 +139,7 @@ def facts(model: ModelOpt = "embedded", n: Annotated[int, typer.Option(help="Rec
           data_path: Annotated[Path | None, typer.Option(help="Local dataset file or directory.")] = None,
           device: DeviceOpt = "cpu", as_json: JsonOpt = False) -> None:
     """How many facts the model knows: true object preferred over the counterfactual one."""
-    from editscale.api import load_records
+    from editscale.data.registry import load_records
     from editscale.eval.knowledge import knowledge_scores
     from editscale.models.loading import load_model
 
@@ -87,11 +171,11 @@ def skills(model: ModelOpt = "embedded",
            device: DeviceOpt = "cpu", as_json: JsonOpt = False) -> None:
     """Few-shot F1 of downstream tasks in the paper's templates; --model may be a run directory."""
     from editscale.eval.downstream.suite import DownstreamSuite, default_tasks
-    from editscale.run.runner import load_model_or_run
+    from editscale.run.checkpoint import load_run_model
 
     if mode not in ("paper", "logprob"):
         raise EditscaleError(f"--mode must be paper or logprob, got '{mode}'")
-    loaded, label = load_model_or_run(model, device=device)
+    loaded, label = load_run_model(model, device=device)
     names = [t.strip() for t in tasks.split(",") if t.strip()] or list(default_tasks(loaded.name))
     suite = DownstreamSuite(names, mode=mode, n=n, data_dir=glue_dir, fast=not naive)  # type: ignore[arg-type]
     res = suite.evaluate(loaded.model, loaded.tokenizer)
@@ -115,16 +199,15 @@ def demo(
     device: DeviceOpt = "cpu",
 ) -> None:
     """Edit the embedded model with ROME, fact after fact, and show how it declines."""
-    from editscale.run.config import RunConfig
-    from editscale.run.runner import Runner, resolve_method_config
+    from editscale.run.runner import Runner
 
-    cfg = resolve_method_config(RunConfig(edits=edits, eval_every=10, checkpoint_every=50, downstream_every=25,
-                                          device=device), "embedded")
+    runner = Runner(RunConfig(edits=edits, eval_every=10, checkpoint_every=50, downstream_every=25, device=device),
+                    out, progress=True, log=console.print)
     console.print(f"[bold]editscale demo[/bold]: {edits} sequential ROME edits of the embedded model "
-                  f"(a 6-block GPT-2 trained on an invented fact world), block {cfg.method_config['layers'][0]}; "
-                  "ES/PS/NS after every edit, forgetting and control facts every 10 edits, its four few-shot "
-                  "skills every 25")
-    summary = Runner(cfg, out, progress=True, log=console.print).run()
+                  f"(a 6-block GPT-2 trained on an invented fact world), block "
+                  f"{runner.cfg.method_config['layers'][0]}; ES/PS/NS after every edit, forgetting and control "
+                  "facts every 10 edits, its four few-shot skills every 25")
+    summary = runner.run()
     _print_examples(out)
     _print_run(out, summary)
 
@@ -145,88 +228,35 @@ def _print_examples(out: Path, n: int = 4) -> None:
 @app.command()
 def inspect(device: DeviceOpt = "cpu", n: Annotated[int, typer.Option(help="Facts to show.")] = 8) -> None:
     """Tour the embedded model: facts it knows, its skills, and where its knowledge lives."""
-    from editscale.api import demo_report
+    from editscale.report.inspect import tour
 
-    demo_report(console, device=device, n_show=n)
-
-
-def _task_list(value: str | None) -> list[str] | None:
-    if value is None:
-        return None
-    if value.strip().lower() == "none":
-        return []
-    return [t.strip() for t in value.split(",") if t.strip()]
-
-
-def _parse_sets(items: list[str] | None) -> dict[str, Any]:
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise EditscaleError(f"--set expects KEY=VALUE, got '{item}'")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
+    tour(console, device=device, n_show=n)
 
 
 @app.command()
+@run_config_options
 def run(
     out: Annotated[Path, typer.Option(help="Run directory; an existing run there is resumed.")],
-    model: ModelOpt = "embedded",
-    method: Annotated[str, typer.Option(help="Editing method (see `editscale methods`).")] = "rome",
-    dataset: Annotated[str, typer.Option(help="factworld, counterfact or zsre.")] = "factworld",
-    data_path: Annotated[Path | None, typer.Option(help="Local dataset file (counterfact: else the URL).")] = None,
-    sample: Annotated[int, typer.Option(help="Which shuffle of the unique subjects to edit in order.")] = 0,
-    sample_file: Annotated[Path | None, typer.Option(help="A sample-index file, e.g. the paper's.")] = None,
-    edits: Annotated[int, typer.Option(help="Number of facts to edit.")] = 100,
-    batch_size: Annotated[int, typer.Option(help="Facts per edit (a sequence of batches when > 1).")] = 1,
-    eval_every: Annotated[int, typer.Option(help="Forgetting checkpoint every K edits.")] = 10,
-    checkpoint_every: Annotated[int, typer.Option(help="Save the edited layers every C edits.")] = 50,
-    forgetting: Annotated[str, typer.Option(help="Headline criterion: paper (greedy, sticky) or probability.")]
-    = "paper",
-    control: Annotated[int, typer.Option(help="Never-edited control facts scored at checkpoints.")] = 200,
-    on_nonfinite: Annotated[str, typer.Option(help="stop or skip when an update is NaN/inf.")] = "stop",
-    downstream: Annotated[str | None, typer.Option(help="Downstream tasks, comma-separated; 'none' = off "
-                                                        "(default: the model's four).")] = None,
-    downstream_every: Annotated[int, typer.Option(help="Downstream evaluation every K edits (0 = never).")] = 10,
-    downstream_mode: Annotated[str, typer.Option(help="paper or logprob.")] = "paper",
-    downstream_n: Annotated[int, typer.Option(help="Examples per downstream task.")] = 200,
-    glue_dir: Annotated[Path | None, typer.Option(help="Folder of the GLUE subsets (<task>.jsonl).")] = None,
+    options: dict[str, Any],
+    config: Annotated[Path | None, typer.Option(
+        help="YAML file of run options (any option below, or a run's config.yaml); options given on the "
+             "command line override it.")] = None,
     method_config: Annotated[Path | None, typer.Option(help="YAML file of method hyper-parameters.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a method hyper-parameter, KEY=VALUE.")]
     = None,
-    seed: Annotated[int, typer.Option(help="Seed of the context templates.")] = 0,
-    device: DeviceOpt = "cpu",
-    dtype: Annotated[str, typer.Option(help="Model dtype (edited matrices and solves stay fp32+).")] = "float32",
-    stats_cache: Annotated[Path | None, typer.Option(help="Covariance statistics cache directory.")] = None,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    progress: ProgressOpt = True,
 ) -> None:
     """Edit one model sequentially and measure ES/PS/NS, forgetting and drift as edits accumulate."""
-    from editscale.run.config import RunConfig
-    from editscale.run.runner import Runner, resolve_method_config
+    from editscale.run.runner import Runner
 
-    cfg = RunConfig.parse({
-        "model": model, "method": method, "dataset": dataset, "data_path": str(data_path) if data_path else None,
-        "sample": sample, "sample_file": str(sample_file) if sample_file else None, "edits": edits,
-        "batch_size": batch_size,
-        "eval_every": eval_every, "checkpoint_every": checkpoint_every, "forgetting": forgetting,
-        "control": control, "on_nonfinite": on_nonfinite, "seed": seed,
-        "downstream": _task_list(downstream), "downstream_every": downstream_every,
-        "downstream_mode": downstream_mode, "downstream_n": downstream_n,
-        "glue_dir": str(glue_dir) if glue_dir else None, "device": device, "dtype": dtype,
-        "stats_cache": str(stats_cache) if stats_cache else None}, source="command line")
-    from editscale.models.loading import find_preset
-
-    preset = find_preset(model)
-    cfg = resolve_method_config(cfg, preset.name if preset else model, method_config, _parse_sets(set_))
+    cfg = build_run_config(options, config=config, method_config=method_config, sets=set_)
     summary = Runner(cfg, out, progress=progress, log=console.print).run()
     _print_run(out, summary)
 
 
 @app.command()
 def resume(out: Annotated[Path, typer.Argument(help="The run directory to continue.")],
-           progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True) -> None:
+           progress: ProgressOpt = True) -> None:
     """Continue a killed run from its last checkpoint (same rows and weights as if never killed)."""
     from editscale.run.runner import Runner
 
@@ -270,14 +300,14 @@ def compare(runs: Annotated[list[Path], typer.Argument(help="Run directories.")]
 @app.command()
 def methods() -> None:
     """List the editing methods and the models they ship hyper-parameters for."""
-    from editscale.methods.base import get_method, list_methods
+    from editscale.methods.base import get_method, list_methods, preset_names
 
     t = Table(title="Editing methods")
     for col in ("method", "batch", "layers (embedded)", "presets", "what it does"):
         t.add_column(col)
     for name in list_methods():
         cls = get_method(name)
-        presets = sorted(p.stem for p in cls.presets_dir.glob("*.yaml")) if cls.presets_dir else []
+        presets = preset_names(cls)
         layers = str(cls.default_config("embedded").layers) if "embedded" in presets else "-"
         t.add_row(name, "yes" if cls.supports_batch else "no (one at a time)", layers, ", ".join(presets),
                   cls.summary)
@@ -288,7 +318,7 @@ def methods() -> None:
 def validate_data(dataset: Annotated[str, typer.Option(help="counterfact, zsre or factworld.")],
                   data_path: Annotated[Path, typer.Option(help="File or directory to check.")]) -> None:
     """Load a dataset file and check every record; errors name the record and the field."""
-    from editscale.api import load_records
+    from editscale.data.registry import load_records
 
     records = load_records(dataset, data_path=data_path)
     console.print(f"[green]ok[/green]: {len(records)} valid {dataset} records in {data_path}")
@@ -307,8 +337,8 @@ def train_embedded(out: Annotated[Path, typer.Option(help="Work directory (resum
                    install: Annotated[bool, typer.Option(help="Copy the result into the package.")] = False
                    ) -> None:
     """Train the embedded default model from scratch (rerun the same command to resume)."""
-    from editscale.data.factworld.card import install_checkpoint
-    from editscale.data.factworld.train import EMBEDDED_CONFIG, load_train_config, train
+    from editscale.embedded.card import install_checkpoint
+    from editscale.embedded.train import EMBEDDED_CONFIG, load_train_config, train
 
     cfg = EMBEDDED_CONFIG if config is None else load_train_config(config, EMBEDDED_CONFIG)
     if steps is not None:
@@ -324,17 +354,17 @@ def train_embedded(out: Annotated[Path, typer.Option(help="Work directory (resum
 def model_card(model_dir: Annotated[Path | None, typer.Option(help="Checkpoint directory.")] = None,
                device: DeviceOpt = "cpu") -> None:
     """Measure the embedded model's figures and write its model card next to the checkpoint."""
-    from editscale.data.factworld import checkpoint_dir
-    from editscale.data.factworld.card import write_model_card
+    from editscale.embedded import checkpoint_dir
+    from editscale.embedded.card import write_model_card
 
     path = write_model_card(model_dir or checkpoint_dir(), device=device)
     console.print(f"model card written to {path}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Entry point: a user-facing error becomes one red line and exit status 2, not a traceback."""
     try:
-        app(standalone_mode=False)
+        app(args=argv, standalone_mode=False)
     except EditscaleError as e:
         err_console.print(f"[bold red]error:[/bold red] {e}")
         sys.exit(2)

@@ -7,7 +7,7 @@ Two schemas exist in the wild and are detected per file:
 * the reduced EasyEdit/MEND split (``counterfact-{train,val,edit}.json``: ``prompt`` with the subject
   filled in, ``target_new`` and ``ground_truth`` as plain strings, one rephrase and one locality prompt).
 
-The paper's samples (PROTOCOL 10.1) index records by list position, which equals ``case_id`` only in the
+The paper's samples (docs/protocol.md §9.1) index records by list position, which equals ``case_id`` only in the
 full file or in the three EasyEdit splits merged by ``case_id``; :func:`assert_case_id_is_position` checks
 that before positions are trusted.
 """
@@ -320,7 +320,7 @@ def load_counterfact(
 
 
 # --------------------------------------------------------------------------------------------------
-# Position semantics (PROTOCOL 10.1)
+# Position semantics (docs/protocol.md §9.1)
 
 
 def dataset_by_case_id(records: Iterable[EditRecord]) -> dict[int, EditRecord]:

@@ -1,4 +1,4 @@
-"""The paper's balanced GLUE subsets (PROTOCOL 9.7): SST-2, MRPC, CoLA and RTE, 100 examples per label.
+"""The paper's balanced GLUE subsets (docs/protocol.md §8.5): SST-2, MRPC, CoLA and RTE, 100 examples per label.
 
 The 200-example files the paper evaluated on are authoritative; :func:`load_glue_jsonl` reads their JSONL
 form. :func:`build_paper_subsets` rebuilds them from the GLUE validation split with the paper's recipe.
@@ -119,7 +119,8 @@ def load_glue_jsonl(task: str, path: str | os.PathLike[str]) -> list[GlueExample
 
 def build_glue_subset(task: str, examples: Iterable[GlueExample], rng: random.Random,
                       per_label: int = PAPER_PER_LABEL) -> list[GlueExample]:
-    """The paper's recipe (GCF ``create_glue_subset.py``) for one task.
+    """The paper's recipe (scalable-model-editing/gradual-catastrophic-forgetting:
+    ``glue_eval/dataset/create_glue_subset.py``) for one task.
 
     Bucket the examples by label in dataset order, shuffle each bucket (in order of first label
     appearance), keep the first ``per_label`` of each, concatenate, shuffle. ``rng`` is advanced, so the

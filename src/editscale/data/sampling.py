@@ -1,4 +1,5 @@
-"""The paper's edit-order samples (PROTOCOL 10.1, GCF ``select_unique_subjects.py`` + ``create_samples.py``).
+"""The paper's edit-order samples (docs/protocol.md §9.1; scalable-model-editing/gradual-catastrophic-forgetting:
+``select_unique_subjects.py`` + ``create_samples.py``).
 
 The indices are **list positions** into the dataset. For CounterFact they equal ``case_id`` only in the full
 file (or the three EasyEdit splits merged by ``case_id``), which :func:`select_sample` checks by default.
@@ -35,7 +36,7 @@ def make_samples(indices: Iterable[int], n_samples: int = PAPER_N_SAMPLES, seed:
                  ) -> dict[str, list[int]]:
     """Seed once, then shuffle the same list in place ``n_samples`` times, keeping a copy after each.
 
-    The shuffles are cumulative (each continues from the previous order and RNG state), exactly as GCF's
+    The shuffles are cumulative (each continues from the previous order and RNG state), exactly as the paper's
     ``create_samples.py`` does with ``random.seed(37)``; a private ``random.Random`` gives the same stream
     without touching the global one.
     """
@@ -81,7 +82,8 @@ def load_sample_file(path: str | os.PathLike[str]) -> dict[str, list[int]]:
 
 
 def load_selection_flags(path: str | os.PathLike[str]) -> list[int]:
-    """Read a ``{"<case_id>": bool}`` selection file (RR's ``disabling_edits_counterfact.json``); return the
+    """Read a ``{"<case_id>": bool}`` selection file (scalable-model-editing/rebuilding-rome:
+    ``data/disabling_edits_counterfact.json``); return the
     selected ids in ascending order."""
     raw = read_json(path)
     src = str(path)
@@ -161,3 +163,23 @@ def select_sample(
                                   f"case_id={first[s]})", case_id=rec.case_id, field="subject")
             first[s] = rec.case_id
     return chosen
+
+
+def edit_order(records: Sequence[EditRecord], *, sample: int, edits: int, sample_file: str | None = None,
+               dataset: str = "the dataset") -> list[EditRecord]:
+    """A run's records in edit order: sample `sample` of a sample file (its indices are case_ids), or
+    of the paper's recipe rebuilt over `records` (unique subjects, seed 37, cumulative shuffles).
+
+    The whole sample is returned; a run edits the first `edits` and draws control facts from the rest.
+    """
+    if sample_file:
+        samples = load_sample_file(sample_file)
+    else:
+        samples = make_samples(unique_subject_indices(records), n_samples=sample + 1)
+    key = str(sample)
+    if key not in samples:
+        raise EditscaleError(f"no sample {key}; the sample file holds {', '.join(sorted(samples, key=int))}")
+    if edits > len(samples[key]):
+        raise EditscaleError(f"--edits {edits} is more than sample {key} holds ({len(samples[key])} "
+                             f"records of dataset '{dataset}')")
+    return select_sample(records, samples, key, None, by="position" if sample_file is None else "case_id")

@@ -11,7 +11,8 @@ ROME/MEMIT/EMMET's ``MENDQADataset`` instead sets ``target_new = answers[0]`` an
 The neighbourhood prompt is ``loc + "?"`` (ROME keeps the ``"nq question: "`` prefix); its expected answer
 is ``loc_ans``, not ``target_true``, so it is stored as ``extra["neighborhood_target"]``. ROME scores it
 token by token on GPT-2 tokens of ``" " + loc_ans``; that is the evaluator's job, not the loader's.
-``case_id`` is the list position in the file, which is what the UME sample files index.
+``case_id`` is the list position in the file, which is what the sample files of
+scalable-model-editing/unified-model-editing index.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def _is_noop(alt: object, answers: object) -> bool:
 
 def _from_mend(raw: Any, index: int, source: str, targets: Targets) -> EditRecord:
     f = RawRecord(raw, index=index, source=source)
-    # zsRE has no ids of its own; the file position is the id everyone (ROME, UME samples) uses.
+    # zsRE has no ids of its own; the file position is the id everyone (ROME, EMMET's samples) uses.
     f.case_id = index
     subject = f.str_("subject")
     template = f.template(f.str_("src"), subject, "src")
@@ -113,5 +114,6 @@ def load_zsre(path: str | os.PathLike[str], *, targets: Targets = "alt", skip_no
 
 
 def load_zsre_samples(path: str | os.PathLike[str]) -> dict[str, list[int]]:
-    """UME's ``zsre_sampled_unique_10_10000.json``: positions into ``zsre_mend_eval.json``."""
+    """``zsre_sampled_unique_10_10000.json`` of scalable-model-editing/unified-model-editing: positions into
+    ``zsre_mend_eval.json``."""
     return load_sample_file(path)

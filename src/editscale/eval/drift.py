@@ -1,4 +1,4 @@
-"""How far an edited layer has moved from its original weights (spec §9.9, §11 item 16)."""
+"""How far an edited layer has moved from its original weights (docs/protocol.md §8.6, §10.13)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Forgetting of earlier edits, checked inline every k edits (no model checkpoints; spec §9.6).
+"""Forgetting of earlier edits, checked inline every k edits (no model checkpoints; docs/protocol.md §8.4).
 
 Two criteria are tracked side by side from the same scoring pass:
 

@@ -1,7 +1,7 @@
-"""Does the model know a record's fact? The spec's probability test, before any edit.
+"""Does the model know a record's fact? The probability test of docs/protocol.md §8.2, before any edit.
 
 A prompt counts as known when the true object is likelier than the counterfactual new one under
-the mean per-token NLL of spec section 9.2 (the same comparison ES/PS/NS use after an edit).
+the mean per-token NLL of docs/protocol.md §8.1 (the same comparison ES/PS/NS use after an edit).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def record_prompts(r: EditRecord) -> dict[str, list[str]]:
 
 def score_prompt_targets(adapter: ModelAdapter, prompts: Sequence[str], targets: Sequence[str], *,
                          batch_size: int = 128) -> list[ContinuationScore]:
-    """Score `target` after each prompt (spec §9.2): mean NLL and teacher-forced greedy match."""
+    """Score `target` after each prompt (docs/protocol.md §8.1): mean NLL and teacher-forced greedy match."""
     rows = []
     for start in range(0, len(prompts), batch_size):
         batch = adapter.prompt_target_batch(prompts[start:start + batch_size], targets[start:start + batch_size])

@@ -1,4 +1,4 @@
-"""Editing proficiency: ES, PS and NS of an edit, right after it (spec §9.2-9.4).
+"""Editing proficiency: ES, PS and NS of an edit, right after it (docs/protocol.md §8.1-8.3).
 
 All prompts of all given records are scored in one batched pass (new and true target each), so a
 batch of edits costs one or two forward passes, not one per prompt or per target token.
@@ -67,7 +67,7 @@ def window_means(values: Sequence[float], window: int) -> float:
 
 
 def paper_blocks(values: Sequence[float], bucket: int = 5, window: int = 10) -> tuple[list[float], list[float]]:
-    """The paper's curves (spec §9.4): 100·mean over non-overlapping blocks of 5 edits (a trailing
+    """The paper's curves (docs/protocol.md §8.3): 100·mean over non-overlapping blocks of 5 edits (a trailing
     partial block dropped), and their trailing moving average over 10 blocks (about 50 edits)."""
     blocks = [100.0 * sum(values[b * bucket:(b + 1) * bucket]) / bucket for b in range(len(values) // bucket)]
     smooth = [sum(blocks[max(0, b - window + 1):b + 1]) / len(blocks[max(0, b - window + 1):b + 1])

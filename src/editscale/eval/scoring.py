@@ -16,7 +16,7 @@ import torch
 
 @dataclass(frozen=True)
 class ContinuationScore:
-    mean_nll: float  # mean per-token negative log-likelihood of the target (spec 9.2: lower = likelier)
+    mean_nll: float  # mean per-token negative log-likelihood of the target (docs/protocol.md §8.1: lower = likelier)
     sum_nll: float
     greedy_match: bool  # argmax equals the target at every position, teacher-forced
     argmax_ids: tuple[int, ...]

@@ -13,6 +13,7 @@ MLP-output layer, whatever the storage (Conv1D or Linear) of the family.
 
 from __future__ import annotations
 
+import importlib
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -21,11 +22,11 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
 
-from editscale.config_files import read_yaml_mapping, validate
+from editscale.config_files import read_yaml_mapping
 from editscale.data.records import EditRecord
 from editscale.errors import EditscaleError, UnknownNameError
+from editscale.methods.config import MethodConfig
 from editscale.models.adapter import ModelAdapter
 
 
@@ -55,25 +56,6 @@ class EditResult:
 
     def all_finite(self) -> bool:
         return all(bool(torch.isfinite(d).all()) for d in (*self.deltas.values(), *self.bias_deltas.values()))
-
-
-class MethodConfig(BaseModel):
-    """Typed hyper-parameters. Unknown keys are an error, so a typo in a YAML file is caught."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    layers: list[int]
-
-    @classmethod
-    def from_yaml(cls: type[C], path: Path | str) -> C:
-        return cls.parse(read_yaml_mapping(path, "method config"), source=str(path))
-
-    @classmethod
-    def parse(cls: type[C], data: dict[str, Any], *, source: str = "config") -> C:
-        return validate(cls, data, source=source)
-
-
-C = TypeVar("C", bound=MethodConfig)
 
 
 def preset_slug(model_name: str) -> str:
@@ -147,16 +129,52 @@ class Editor(ABC):
     @classmethod
     def default_config(cls, model_name: str) -> MethodConfig:
         """The published hyper-parameters for a model preset (`<presets_dir>/<slug>.yaml`)."""
-        if cls.presets_dir is None:
-            raise EditscaleError(f"method {cls.name} ships no presets; pass a config")
-        path = cls.presets_dir / f"{preset_slug(model_name)}.yaml"
-        if not path.exists():
-            known = sorted(p.stem for p in cls.presets_dir.glob("*.yaml"))
+        preset = preset_mapping(cls, model_name)
+        if preset is None:
             raise EditscaleError(
-                f"no {cls.name} hyper-parameters for model '{model_name}'; presets: {', '.join(known)}. "
+                f"no {cls.name} hyper-parameters for model '{model_name}'; presets: {', '.join(preset_names(cls))}. "
                 "Pass --method-config FILE.yaml"
             )
-        return cls.config_class.from_yaml(path)
+        return cls.config_class.parse(preset, source=f"{cls.name} preset for {model_name}")
+
+
+def preset_names(cls: type[Editor]) -> list[str]:
+    """The model slugs a method ships presets for."""
+    return sorted(p.stem for p in cls.presets_dir.glob("*.yaml")) if cls.presets_dir else []
+
+
+def preset_mapping(cls: type[Editor], model_name: str) -> dict[str, Any] | None:
+    """A method's preset for a model as a mapping (None when it has none). A preset that starts with
+    `extends: <method>` holds only what differs from that method's preset for the same model."""
+    if cls.presets_dir is None:
+        return None
+    path = cls.presets_dir / f"{preset_slug(model_name)}.yaml"
+    if not path.exists():
+        return None
+    data = read_yaml_mapping(path, "method preset")
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    parent = preset_mapping(get_method(str(base)), model_name)
+    if parent is None:
+        raise EditscaleError(f"{path} extends the {base} preset for '{model_name}', which does not exist")
+    return {**parent, **data}
+
+
+def resolve_method_config(method: str, model_name: str, given: Mapping[str, Any] | None = None) -> MethodConfig:
+    """The hyper-parameters of a run: the method's preset for the model, then `given` over it.
+
+    The one place a method config is resolved (`editscale run`, `demo`, `resume` and the Python
+    API all come here, through the runner). A model without a preset needs every required field
+    in `given`.
+    """
+    cls = get_method(method)
+    preset = preset_mapping(cls, model_name)
+    if preset is None and not given:
+        raise EditscaleError(
+            f"no {cls.name} hyper-parameters for model '{model_name}'; presets: {', '.join(preset_names(cls))}. "
+            "Pass --method-config FILE.yaml")
+    return cls.config_class.parse({**(preset or {}), **(given or {})}, source=f"{cls.name} method config")
 
 
 def apply_deltas(adapter: ModelAdapter, deltas: dict[int, torch.Tensor], *, sign: float = 1.0) -> None:
@@ -168,11 +186,7 @@ def apply_deltas(adapter: ModelAdapter, deltas: dict[int, torch.Tensor], *, sign
 def apply_bias_deltas(adapter: ModelAdapter, bias_deltas: dict[int, torch.Tensor], *, sign: float = 1.0) -> None:
     """Add (sign=+1) or remove (sign=-1) bias deltas of the MLP-output projections, summed in fp32."""
     for layer, delta in bias_deltas.items():
-        bias = adapter.module("mlp_out", layer).bias
-        if bias is None:
-            raise EditscaleError(f"layer {layer}'s MLP output projection has no bias to apply a delta to")
-        with torch.no_grad():
-            bias.copy_((bias.float() + sign * delta.to(device=bias.device, dtype=torch.float32)).to(bias.dtype))
+        adapter.add_to_mlp_out_bias(layer, sign * delta)
 
 
 def apply_result(adapter: ModelAdapter, result: EditResult, *, sign: float = 1.0) -> None:
@@ -194,10 +208,9 @@ def register(cls: E) -> E:
 
 
 def _load_builtin_methods() -> None:
-    # Importing a method's package registers it; done lazily so `import editscale` stays light.
-    # Every folder of editscale/methods with an __init__.py is a method, except the shared solver.
-    import importlib
-
+    # Importing a method's package registers it; done on first lookup so that importing the
+    # registry does not load every method. Every folder of editscale/methods with an __init__.py
+    # is a method, except the shared solver.
     for pkg in sorted(Path(__file__).parent.iterdir()):
         if pkg.name != "solver" and (pkg / "__init__.py").exists():
             importlib.import_module(f"editscale.methods.{pkg.name}")

@@ -6,17 +6,17 @@ method-specific: it reads keys and values at a token, writes the MLP output matr
 vector to a module's output at a token.
 
 Conventions
-- Batches are right-padded (PROTOCOL §1.2), so position p of a row means the same token whether or
+- Batches are right-padded (docs/protocol.md §1.3), so position p of a row means the same token whether or
   not the row is padded. Negative positions are refused by the hooks because -1 would be padding.
 - The MLP output matrix is always exchanged in the math orientation W [d_model, d_mlp] (v = W k + b),
   whatever the storage (Conv1D [in, out] or Linear [out, in]).
 - Token positions come from tokenising the full string with character offsets, special tokens
-  included (pitfall 9), so they index exactly the sequences that `encode` builds.
+  included (docs/protocol.md §10.8), so they index exactly the sequences that `encode` builds.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -46,7 +46,7 @@ class _StopForward(Exception):
 
 @dataclass
 class ScoringBatch:
-    """`prompt + " " + target` strings laid out for teacher-forced scoring (PROTOCOL §9.2).
+    """`prompt + " " + target` strings laid out for teacher-forced scoring (docs/protocol.md §8.1).
 
     Row i is scored by comparing logits[i, prefix_lens[i] + j - 1] with target_ids[i][j]. The
     prefix length counts a BOS token when the tokenizer adds one.
@@ -75,6 +75,16 @@ class Recording:
         return self.outputs[-1]
 
 
+@dataclass
+class EditedParams:
+    """Copies of MLP-output parameters: weights in the canonical [d_model, d_mlp] orientation and
+    biases [d_model], both fp32. Taken by `ModelAdapter.snapshot`, written back by `restore`
+    exactly (fp32 holds every half-precision value)."""
+
+    weights: dict[int, torch.Tensor] = field(default_factory=dict)
+    biases: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
 class ModelAdapter:
     """Method-agnostic access to one loaded causal LM and its tokenizer."""
 
@@ -85,7 +95,7 @@ class ModelAdapter:
         self.family = family if family is not None else family_for(model)
         config = getattr(model, "config", None)
         # Callers key caches (covariance stats) on this, so loaders pass the base model id rather
-        # than the checkpoint path an edited model was reloaded from (pitfall 3).
+        # than the checkpoint path an edited model was reloaded from (docs/protocol.md §10.3).
         self.name = name or getattr(config, "_name_or_path", "") or type(model).__name__
 
     # ------------------------------------------------------------------ shapes and modules
@@ -113,7 +123,7 @@ class ModelAdapter:
 
     @property
     def max_positions(self) -> int | None:
-        """Longest sequence the model was built for (truncation length for statistics, §2.5)."""
+        """Longest sequence the model was built for (truncation length for statistics, docs/protocol.md §2.5)."""
         config = getattr(self.model, "config", None)
         for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
             value = getattr(config, attr, None)
@@ -198,8 +208,49 @@ class ModelAdapter:
                 param.add_(stored)
             else:
                 # Sum in fp32 and round once; adding a pre-rounded half-precision delta would lose
-                # the tiny per-element updates entirely (pitfall 18).
+                # the tiny per-element updates entirely (docs/protocol.md §10.15).
                 param.copy_((param.float() + stored).to(param.dtype))
+
+    def get_mlp_out_bias(self, layer: int) -> torch.Tensor | None:
+        """b of the MLP output projection as a detached fp32 copy [d_model], or None if it has none."""
+        bias = self.module("mlp_out", layer).bias
+        return None if bias is None else bias.detach().to(torch.float32, copy=True)
+
+    def _mlp_out_bias_param(self, layer: int) -> nn.Parameter:
+        bias = self.module("mlp_out", layer).bias
+        if bias is None:
+            raise EditscaleError(f"layer {layer}'s MLP output projection has no bias")
+        return bias
+
+    def set_mlp_out_bias(self, layer: int, bias: torch.Tensor) -> None:
+        """Overwrite b; cast to the parameter's dtype and device."""
+        param = self._mlp_out_bias_param(layer)
+        with torch.no_grad():
+            param.copy_(bias.to(device=param.device, dtype=param.dtype))
+
+    def add_to_mlp_out_bias(self, layer: int, delta: torch.Tensor) -> None:
+        """b += delta, summed in fp32 and rounded once (as `add_to_mlp_out_weight`)."""
+        param = self._mlp_out_bias_param(layer)
+        with torch.no_grad():
+            param.copy_((param.float() + delta.to(device=param.device, dtype=torch.float32)).to(param.dtype))
+
+    def snapshot(self, layers: Iterable[int], *, biases: bool = True) -> EditedParams:
+        """Copies of the MLP-output weights (and biases, where they exist) of `layers`."""
+        layers = list(layers)
+        params = EditedParams({layer: self.get_mlp_out_weight(layer) for layer in layers})
+        if biases:
+            for layer in layers:
+                bias = self.get_mlp_out_bias(layer)
+                if bias is not None:
+                    params.biases[layer] = bias
+        return params
+
+    def restore(self, params: EditedParams) -> None:
+        """Write a snapshot back: the model then holds exactly the snapshot's values."""
+        for layer, weight in params.weights.items():
+            self.set_mlp_out_weight(layer, weight)
+        for layer, bias in params.biases.items():
+            self.set_mlp_out_bias(layer, bias)
 
     # ------------------------------------------------------------------ tokenisation
 
@@ -264,7 +315,8 @@ class ModelAdapter:
         return batch
 
     def target_ids(self, target: str) -> list[int]:
-        """Token ids of a target as it is scored and edited after a prompt and one space (§2.1, §2.6).
+        """Token ids of a target as it is scored and edited after a prompt and one space
+        (docs/protocol.md §1.3, §2.6).
 
         Byte-level BPE families use tok(" " + target.strip()) with no special tokens, exactly as
         the reference does. Other tokenizers read the target's tokens off a full-string
@@ -277,7 +329,7 @@ class ModelAdapter:
         return list(self.tokenizer(" " + target.strip(), add_special_tokens=False)["input_ids"])
 
     def subject_token_index(self, template: str, subject: str, mode: str = "subject_last") -> int:
-        """Position of the subject token in `template` with "{}" replaced by `subject` (§2.3).
+        """Position of the subject token in `template` with "{}" replaced by `subject` (docs/protocol.md §2.3).
 
         Modes: subject_last, subject_first, subject_first_after_last (first token after the
         subject, or its last token when nothing follows), last (last token of the sequence).
@@ -396,6 +448,28 @@ class ModelAdapter:
                                     use_cache=False)
         return out[0]
 
+    def block_hidden(self, inputs: Inputs, layer: int) -> torch.Tensor:
+        """Block `layer`'s output [batch, seq, d_model] through the final norm; gradients flow.
+
+        With `unembed` this reads the model's prediction off an earlier block (MEMIT's v_loss_layer);
+        for the last block it equals `final_hidden`. Later blocks are not run.
+        """
+        batch = self._batch(inputs)
+        captured: dict[str, torch.Tensor] = {}
+
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            captured["hidden"] = output[0] if isinstance(output, tuple) else output
+            raise _StopForward
+
+        handle = self.module("block", layer).register_forward_hook(hook)
+        try:
+            self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        return self.module("final_norm")(captured["hidden"])
+
     def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits of final hidden states (any leading shape), as the model's output head computes them."""
         return self.model.get_output_embeddings()(hidden)
@@ -442,7 +516,8 @@ class ModelAdapter:
 
     def capture_mlp_keys(self, inputs: Inputs, layer: int, *, stop_early: bool = True) -> torch.Tensor:
         """Keys at every position, [batch, seq, d_mlp] fp32 (padding included; mask it with the
-        batch's attention_mask). This is what second-moment statistics accumulate (§2.5)."""
+        batch's attention_mask). This is what second-moment statistics accumulate
+        (docs/protocol.md §2.5)."""
         batch = self._batch(inputs)
         captured: dict[str, torch.Tensor] = {}
 
@@ -476,8 +551,8 @@ class ModelAdapter:
     def intervene(self, site: str, layer: int, positions: Positions, delta: torch.Tensor) -> Iterator[None]:
         """While active, add `delta` to the output of a module at one token per row.
 
-        site="mlp": the MLP block's output before the residual add (ROME's v*, §2.6).
-        site="block": the block's hidden-state output, i.e. the residual stream (MEMIT's z, §4.2).
+        site="mlp": the MLP block's output before the residual add (ROME's v*, docs/protocol.md §2.6).
+        site="block": the block's hidden-state output, i.e. the residual stream (MEMIT's z, §4.2 there).
         delta is [d_model] (same for every row) or [n_rows, d_model]; positions is one int for all
         rows or one non-negative int per row. The addition is out of place, so gradients reach
         delta. Hooks run in the order their contexts were entered.
@@ -541,7 +616,8 @@ def split_template(template: str) -> tuple[str, str]:
 
 
 def reference_subject_index(tokenizer: Any, template: str, subject: str, mode: str = "subject_last") -> int:
-    """The reference rule of PROTOCOL §2.3: prefix, subject and suffix tokenised separately.
+    """The reference rule (kmeng01/memit: rome/repr_tools.py; docs/protocol.md §2.3): prefix, subject and
+    suffix tokenised separately.
 
     Only right for tokenizers that add no BOS and tokenise by concatenation (GPT-2 BPE); kept as a
     fallback for slow tokenizers and as the yardstick the offset-based rule is tested against.

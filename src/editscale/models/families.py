@@ -7,7 +7,7 @@ tiny configs (see tests/test_families.py), and `legacy_paths` keeps names older 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from editscale.errors import UnknownNameError
@@ -18,7 +18,7 @@ LAYER_ROLES = ("block", "mlp", "mlp_in", "mlp_gate", "mlp_out", "attn")
 MODEL_ROLES = ("layers", "final_norm", "embed", "unembed")
 ROLES = LAYER_ROLES + MODEL_ROLES
 
-# How a target string becomes token ids (PROTOCOL §2.1, §9.2, pitfall 9).
+# How a target string becomes token ids (docs/protocol.md §1.3, §10.8).
 SPACING_PREPEND_SPACE = "prepend_space"  # byte-level BPE: tok(" " + target.strip()), no special tokens
 SPACING_OFFSETS = "offsets"  # SentencePiece-like: read the target's tokens off a full-string tokenisation
 
@@ -28,7 +28,7 @@ class Family:
     """Module paths and storage facts of one architecture family.
 
     Layer roles are templates with one "{}" for the 0-based block index (as in the reference
-    hparams JSONs, PROTOCOL §1.1). `mlp_out` is the matrix that ROME/MEMIT rewrite; its input is the
+    hparams JSONs, docs/protocol.md §1.1). `mlp_out` is the matrix that ROME/MEMIT rewrite; its input is the
     key k (post-activation, size d_mlp) and its output the value v (size d_model).
     """
 
@@ -47,7 +47,7 @@ class Family:
     mlp_gate: str | None = None
     # GPT-2's Conv1D stores `.weight` as [in, out] and computes x @ W; nn.Linear stores [out, in].
     # The reference picked the orientation by comparing shapes, which is ambiguous for square
-    # matrices (pitfall 17), so the family states it.
+    # matrices (docs/protocol.md §10.14), so the family states it.
     conv1d_weights: bool = False
     tied_unembed: bool = False
     unembed_has_bias: bool = False
@@ -144,10 +144,6 @@ LLAMA = Family(
 FAMILIES: dict[str, Family] = {f.name: f for f in (GPT2, GPTJ, GPT_NEOX, LLAMA)}
 
 
-def known_model_types() -> list[str]:
-    return sorted(t for f in FAMILIES.values() for t in f.model_types)
-
-
 def get_family(name: str) -> Family:
     """A family by its own name ("gpt2", "gptj", "gpt_neox", "llama")."""
     if name in FAMILIES:
@@ -175,7 +171,3 @@ def family_for(model_or_config: Any) -> Family:
         )
     return family_for_model_type(model_type)
 
-
-def describe(family: Family) -> dict[str, Any]:
-    """A plain dict of a family, for logs and run records."""
-    return {f.name: getattr(family, f.name) for f in fields(family)}

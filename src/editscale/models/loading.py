@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,8 @@ class Preset:
     """A model the paper (or its follow-ups) edited, with the facts needed to check and edit it.
 
     Shape facts are None where they are only known after loading (the embedded checkpoint).
-    `rome_layer` is the 0-based block ROME edits in the reference hparams (paper numbering + 1).
+    `rome_layer` is the 0-based block ROME edits in the reference hparams (the paper counts layers
+    from 1: its layer 18 of GPT-2 XL is block 17).
     """
 
     name: str
@@ -71,16 +73,27 @@ def find_preset(name: str) -> Preset | None:
     return None
 
 
+def embedded_checkpoint_dir() -> Path:
+    """Where the shipped embedded checkpoint lies: package data of `editscale.embedded`, found by
+    path so that loading a model does not import the trainer that owns it."""
+    return Path(str(resources.files("editscale"))) / "embedded" / "checkpoint"
+
+
 def _embedded_dir() -> Path:
-    # Imported here so this module loads before the factworld package ships its checkpoint.
-    try:
-        from editscale.data.factworld import checkpoint_dir
-    except ImportError as err:
-        raise EditscaleError(f"the embedded model is not available in this install: {err}") from err
-    path = Path(checkpoint_dir())
-    if not path.is_dir():
-        raise EditscaleError(f"the embedded model checkpoint is missing: {path} is not a directory")
+    path = embedded_checkpoint_dir()
+    if not (path / "config.json").is_file():
+        raise EditscaleError(f"the embedded model checkpoint is missing: {path} holds no config.json")
     return path
+
+
+def model_key(name_or_path: str | Path) -> str:
+    """The name presets, caches and results are keyed on: a preset's canonical name, else the
+    name or directory as given."""
+    name = str(name_or_path)
+    preset = find_preset(name)
+    if name != EMBEDDED and Path(name).is_dir():
+        return name
+    return preset.name if preset is not None else name
 
 
 def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
@@ -103,7 +116,7 @@ def load_model(name_or_path: str | Path, *, dtype: str | torch.dtype = "float32"
                revision: str | None = None, local_files_only: bool | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer by preset name, hub id or local directory.
 
-    The reference loads fp32 (PROTOCOL §1.2); half precision is allowed, but editors compute in
+    The reference loads fp32 (docs/protocol.md §1.4); half precision is allowed, but editors compute in
     fp32. `device` may be "auto" (CUDA when available). With device_map (e.g. "auto", needs
     accelerate) `device` is ignored and accelerate places the weights. Parameters are frozen and
     the model is in eval mode.
@@ -111,6 +124,7 @@ def load_model(name_or_path: str | Path, *, dtype: str | torch.dtype = "float32"
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     name = str(name_or_path)
+    model_name = model_key(name)
     preset = find_preset(name)
     if name == EMBEDDED:
         source = str(_embedded_dir())
@@ -160,7 +174,6 @@ def load_model(name_or_path: str | Path, *, dtype: str | torch.dtype = "float32"
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
 
-    model_name = preset.name if preset is not None else name
     adapter = ModelAdapter(model, tokenizer, family, name=model_name)
     if preset is not None:
         _check_preset(preset, adapter)

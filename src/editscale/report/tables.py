@@ -7,7 +7,10 @@ from typing import Any
 
 from rich.table import Table
 
+from editscale.analysis.phases import find_phases
+from editscale.run.config import load_config
 from editscale.run.store import RunStore
+from editscale.run.summary import summarize
 
 
 def interval_rows(out: Path | str, n_rows: int = 12) -> list[dict[str, Any]]:
@@ -63,9 +66,6 @@ def run_table(out: Path | str, n_rows: int = 12) -> Table:
 
 def comparison_rows(dirs: list[Path | str]) -> list[dict[str, Any]]:
     """One row per run directory: what the runs did, side by side (methods, samples, models)."""
-    from editscale.analysis.phases import find_phases
-    from editscale.run.config import load_config
-    from editscale.run.runner import summarize
 
     out = []
     for d in dirs:

@@ -13,12 +13,10 @@ that loss of skill under editing is measured the way the paper measures GLUE:
 Skill examples name freshly invented subjects, never the world's own, so that training them
 cannot teach or contradict a world fact.
 
-Why a denial decides the two comparison tasks: an earlier design decided them by an object or a
-subject changed between the two parts ("was this name mentioned before?"). That is an in-context
-copy test, and no recipe tried on this machine's budget (6-block and 2-block pilots, 150-1,500 steps,
-with and without a dense drill of the test, `recall_drill_text`) took it off chance in the few-shot
-prompt. A denial is a contradiction a small model does learn to read off the query, as it reads the
-polar words of a review; both parts still state one fact in two wordings. Examples still draw
+A denial decides the two comparison tasks because it is a contradiction a small model does learn to
+read off the query, as it reads the polar words of a review; both parts still state one fact in two
+wordings. (Deciding them by a changed object or name, an in-context copy test, stayed at chance:
+docs/embedded-model.md says what was tried.) Examples still draw
 their objects through `Draw`, which keeps the objects of recent blocks (in training text) or of
 the demonstrations (in an evaluation prompt) out of the next example, so a query never repeats a
 demonstration's fact.
@@ -32,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from editscale.data.factworld.world import RELATIONS, Relation, make_name
-from editscale.eval.downstream.templates import (
+from editscale.data.fewshot import (
     COLA_FORMAT,
     MRPC_FORMAT,
     RTE_FORMAT,
@@ -273,33 +271,3 @@ def skill_training_text(task: SkillTask, rng: random.Random, reserved: set[str],
     """A run of answered blocks in the few-shot format; each block serves as a demo for the next."""
     draw = Draw(rng, reserved)
     return "".join(task.fmt.render_block(*_block(task, draw, rng.randint(0, 1))) for _ in range(n_blocks))
-
-
-RECALL_MARKER = " :"  # the answer of each recall-drill item follows this marker
-_ALL_OBJECTS = tuple(sorted({o for rel in RELATIONS for o in rel.objects}))
-
-
-def recall_drill_text(rng: random.Random, reserved: set[str], n_lines: int, repeat: float = 0.4) -> str:
-    """Training-only text: lists of names and objects, each item answered `seen` or `new`.
-
-    A dense drill of in-context recall ("has this name or object been mentioned before?"), the test
-    the comparison tasks were once decided by (module docstring). It stays as a learnability probe
-    of that test (benchmarks/probes/compare_drill.yaml). Lists avoid the objects of the list
-    before, as `Draw` does.
-    """
-    names = fresh_namer(rng, reserved)
-    lines, before = [], set()
-    for _ in range(n_lines):
-        items: list[str] = []
-        answered = []
-        for _ in range(rng.randint(6, 12)):
-            if items and rng.random() < repeat:
-                item, answer = rng.choice(items), "seen"
-            else:
-                fresh = [o for o in _ALL_OBJECTS if o not in items and o not in before]
-                item, answer = (rng.choice(fresh) if rng.random() < 0.5 else names()), "new"
-            items.append(item)
-            answered.append(f"{item}{RECALL_MARKER} {answer}")
-        lines.append(" , ".join(answered))
-        before = set(items)
-    return "\n\n".join(lines) + "\n\n"

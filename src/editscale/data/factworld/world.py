@@ -17,17 +17,13 @@ Design choices that matter for the trained model:
   seen at all, and the held-out and paraphrase prompts stay untrained.
 - Six more (`varied`) widen that: with `TrainConfig.varied_phrasings` each shared copy of a fact
   is worded at random from the shared and varied phrasings, so a fact is seen in many wordings
-  for the tokens of two. Together with filler words (`with_filler`), in a stage after the facts
-  are memorised, they took recall in held-out phrasings from 0.70 to 0.85; from the first step,
-  before memorisation, neither helped (issue 2's notes). Varied phrasings avoid the held-out
-  phrasings' words ("lies", "comes from", "specializes"...), so held-out prompts stay new in
-  wording, not just in word order.
+  for the tokens of two. Together with filler words (`with_filler`), taught in a stage after the
+  facts are memorised, they are what lets the model recall facts in held-out phrasings (what was
+  measured: docs/embedded-model.md). Varied phrasings avoid the held-out phrasings' words ("lies",
+  "comes from", "specializes"...), so held-out prompts stay new in wording, not just in word order.
 - Stand-in words (`with_noise`) swap some words of a wording for common words that no held-out
-  phrasing uses, so a fact must be recalled from what is left of a wording. Extending the
-  rewording stage of the 82.6% checkpoint by 120 steps took held-out recall to 87.4% with half
-  of the sentences so treated, against 83.7% without (all 3,600 held-out prompts). Spread over
-  the whole rewording stage they added one point (83.6%); in a short last stage of their own,
-  four (86.6%, the shipped checkpoint).
+  phrasing uses, so a fact must be recalled from what is left of a wording; they work best in a
+  short last training stage of their own (docs/embedded-model.md).
 - A subject at the start of a line is tokenised without its leading space, so training lines are
   joined by either a newline or a space: both token forms of every subject are learnt.
 """

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from editscale.data.fewshot import FewShotFormat
 from editscale.eval.downstream.fewshot import (
     Example,
     check_mode,
@@ -33,7 +34,6 @@ from editscale.eval.downstream.fewshot import (
     paper_result,
     prompt_token_ids,
 )
-from editscale.eval.downstream.templates import FewShotFormat
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values of shape [batch, heads, seq, head_dim]
 

@@ -2,7 +2,7 @@
 
 Two modes share the prompts and the metrics:
 
-* ``paper``: the reference protocol (spec 9.7): greedy decoding of ``gen_len`` tokens, the answer
+* ``paper``: the reference protocol (docs/protocol.md §8.5): greedy decoding of ``gen_len`` tokens, the answer
   read after the last marker by substring search, invalid answers (-1) kept in the weighted F1.
 * ``logprob``: the label word with the highest mean per-token log-probability of ``" " + word``
   after the prompt (teacher-forced) is the prediction, so there are no invalid outputs.
@@ -19,11 +19,10 @@ from typing import Any
 import torch
 from sklearn.metrics import f1_score, matthews_corrcoef
 
+from editscale.data.fewshot import Example, FewShotFormat
 from editscale.errors import EditscaleError
-from editscale.eval.downstream.templates import FewShotFormat
 from editscale.eval.scoring import greedy_generate, score_continuations
 
-Example = tuple[Mapping[str, str], int]
 MODES = ("paper", "logprob")
 
 

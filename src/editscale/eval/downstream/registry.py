@@ -1,4 +1,4 @@
-"""The downstream task registry: one YAML file per task in `tasks/`, or in a user's own folder.
+"""The downstream task registry: one YAML file per task in `data/tasks/`, or in a user's own folder.
 
 A task file gives the few-shot format (query template, answer marker, label words, the order the
 paper's parser tests them), the fixed demonstrations, where the examples come from, and, for
@@ -25,11 +25,11 @@ from typing import Any
 
 import yaml
 
+from editscale.data.factworld import default_world
+from editscale.data.factworld.skills import SKILL_TASKS, skill_eval_set
+from editscale.data.fewshot import TASKS_DIR, Example, FewShotFormat, format_from_spec
+from editscale.data.glue import GLUE_TASK_FIELDS, build_paper_subsets, load_glue_jsonl
 from editscale.errors import EditscaleError, RecordError, UnknownNameError
-from editscale.eval.downstream.templates import FewShotFormat, format_from_spec
-
-TASKS_DIR = Path(__file__).parent / "tasks"
-Example = tuple[Mapping[str, str], int]
 
 
 @dataclass(frozen=True)
@@ -56,8 +56,6 @@ class DownstreamTask:
 
 
 def _factworld_examples(skill: str, n: int, seed: int) -> tuple[tuple[Example, ...], list[Example]]:
-    from editscale.data.factworld import default_world
-    from editscale.data.factworld.skills import SKILL_TASKS, skill_eval_set
 
     if n < 2 or n % 2:
         raise EditscaleError(f"the number of examples must be an even number >= 2 (balanced labels), got {n}")
@@ -72,7 +70,6 @@ def default_glue_dir() -> Path | None:
 
 
 def _glue_examples(task: str, n: int, data_dir: Path | str | None) -> list[Example]:
-    from editscale.data.glue import GLUE_TASK_FIELDS, build_paper_subsets, load_glue_jsonl
 
     data_dir = data_dir or default_glue_dir()
     if data_dir is not None:

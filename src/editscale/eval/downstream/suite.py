@@ -1,4 +1,4 @@
-"""A set of downstream tasks evaluated together, repeatedly, on a changing model (spec §9.7).
+"""A set of downstream tasks evaluated together, repeatedly, on a changing model (docs/protocol.md §8.5).
 
 Examples are loaded once; each evaluation reuses them. Two ways to read a prediction:
 - paper: greedy generation of 3 tokens, answer parsed after the marker, invalid outputs (-1) kept
@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 import torch
 
+from editscale.eval.downstream.fast import evaluate_fewshot_fast
+from editscale.eval.downstream.fewshot import evaluate_fewshot
 from editscale.eval.downstream.registry import DownstreamTask, Example, get_tasks
 
 Mode = Literal["paper", "logprob"]
@@ -53,8 +55,6 @@ class DownstreamSuite:
 
     def evaluate(self, model: torch.nn.Module, tokenizer: Any) -> dict[str, dict[str, Any]]:
         """Per task: f1, accuracy, mcc, invalid, total, seconds (and predictions)."""
-        from editscale.eval.downstream.fast import evaluate_fewshot_fast
-        from editscale.eval.downstream.fewshot import evaluate_fewshot
 
         fn = evaluate_fewshot_fast if self.fast else evaluate_fewshot
         out = {}

@@ -1,4 +1,5 @@
-"""AlphaEdit: null-space constrained knowledge editing (Fang et al. 2025), as its code computes it (spec §6)."""
+"""AlphaEdit: null-space constrained knowledge editing (Fang et al. 2025), as its code computes it
+(docs/protocol.md §6)."""
 
 from pathlib import Path
 

@@ -1,4 +1,4 @@
-"""AlphaEdit's per-layer update (spec §6), on the shared z / keys / residual spreading of `solver.spread`:
+"""AlphaEdit's per-layer update (docs/protocol.md §6), on the shared z / keys / residual spreading of `solver.spread`:
 
     P     = Û Ûᵀ, Û = eigenvectors of the unscaled C with eigenvalue < nullspace_threshold   [d_mlp, d_mlp]
     Δᵀ    = solve(P (K Kᵀ + cache_c) + L2 · I, P K Rᵀ)                                        [d_mlp, d_model]
@@ -25,7 +25,8 @@ import torch
 
 from editscale.errors import EditscaleError
 from editscale.methods.alphaedit.config import AlphaEditConfig
-from editscale.methods.base import EditRequest, EditResult, MethodConfig, register
+from editscale.methods.base import EditRequest, EditResult, register
+from editscale.methods.config import MethodConfig
 from editscale.methods.solver.spread import LayerStep, SpreadEditor, layer_keys
 from editscale.models.adapter import ModelAdapter
 
@@ -80,7 +81,7 @@ class AlphaEditEditor(SpreadEditor):
         return upd_t.T  # [d_model, m]
 
     def after_apply(self, requests: Sequence[EditRequest], result: EditResult) -> None:
-        # keys of this batch on the model that now carries its edit, at every layer (spec §6)
+        # keys of this batch on the model that now carries its edit, at every layer (docs/protocol.md §6)
         templates = self.templates()
         for layer, cache in self.cache_c.items():
             k = layer_keys(self.adapter, layer, requests, templates, self.config.fact_token)  # [m, n]

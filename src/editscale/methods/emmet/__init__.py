@@ -1,4 +1,5 @@
-"""EMMET: equality-constrained mass model editing (Gupta et al. 2024), as UME computes it (spec §5)."""
+"""EMMET: equality-constrained mass model editing (Gupta et al. 2024), as its code computes it
+(scalable-model-editing/unified-model-editing; docs/protocol.md §5)."""
 
 from pathlib import Path
 

@@ -1,4 +1,4 @@
-"""EMMET hyper-parameters (spec §5); per-model published defaults live in presets/<model>.yaml."""
+"""EMMET hyper-parameters (docs/protocol.md §5); per-model published defaults live in presets/<model>.yaml."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""EMMET's per-layer update (spec §5), on the shared z / keys / residual spreading of `solver.spread`:
+"""EMMET's per-layer update (docs/protocol.md §5), on the shared z / keys / residual spreading of `solver.spread`:
 
     C̃ = λ C (+ update_norm_lambda · I)
     D = Kᵀ C̃⁻¹ K (+ emmet_lambda · I when n > 1)                      [n, n]
@@ -7,8 +7,9 @@
 the minimum-C-norm change that makes Ŵ K = V hold exactly (up to the ridge). For one request on one
 layer it is r kᵀC⁻¹ / (kᵀC⁻¹k): ROME with a consistent key, λ cancelling.
 
-UME inverts C̃ and D with torch.inverse; here C̃⁻¹K and D⁻¹ come from solves (spec §11 item 18), with
-UME's fallback to the pseudo-inverse when D is singular.
+The reference (scalable-model-editing/unified-model-editing: emmet/emmet_main.py) inverts C̃ and D with
+torch.inverse; here C̃⁻¹K and D⁻¹ come from solves (docs/protocol.md §10.15), with the reference's fallback
+to the pseudo-inverse when D is singular.
 """
 
 from __future__ import annotations
@@ -33,8 +34,7 @@ class EmmetEditor(SpreadEditor):
         cfg = self.config
         if cfg.update_norm_lambda == 0:
             # (λC)⁻¹ = C⁻¹/λ: reuse the context's cached Cholesky factor of C
-            stats = {"corpus": cfg.mom2_dataset, "n_samples": cfg.mom2_n_samples, "dtype": cfg.mom2_dtype}
-            return self.context.solve_mom2(self.adapter, layer, rhs, **stats) / cfg.mom2_update_weight
+            return self.context.solve_mom2(self.adapter, layer, rhs, **cfg.stats_options()) / cfg.mom2_update_weight
         c = self.mom2(layer).double()
         c_tilde = cfg.mom2_update_weight * c + cfg.update_norm_lambda * torch.eye(c.shape[0], dtype=c.dtype)
         return torch.linalg.solve(c_tilde, rhs.double().cpu())

@@ -1,4 +1,4 @@
-"""FT-C: constrained fine-tuning baseline (Zhu et al. 2020, as the ROME/MEMIT code runs it; spec §7)."""
+"""FT-C: constrained fine-tuning baseline (Zhu et al. 2020, as the ROME/MEMIT code runs it; docs/protocol.md §7)."""
 
 from pathlib import Path
 

@@ -1,6 +1,6 @@
-"""FT-C hyper-parameters (spec §7); per-model published defaults live in presets/<model>.yaml.
+"""FT-C hyper-parameters (docs/protocol.md §7); per-model published defaults live in presets/<model>.yaml.
 
-Every behaviour spec §11 item 13 lists is an explicit option here, with the reference's choice as
+Every reference behaviour that docs/protocol.md §10.10 lists is an explicit option here, with the reference's choice as
 the default: the loss position (`teacher_forced`), the clamp anchor (`clamp_anchor`), whether the
 bias is trained (`train_bias`) and the layer (`layers`).
 """
@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import field_validator
 
-from editscale.methods.base import MethodConfig
+from editscale.methods.config import MethodConfig
 
 
 class FtcConfig(MethodConfig):

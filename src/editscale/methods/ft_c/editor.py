@@ -1,4 +1,4 @@
-"""FT-C (spec §7): fine-tune one MLP-output projection, weight and bias, inside an L∞ ball.
+"""FT-C (docs/protocol.md §7): fine-tune one MLP-output projection, weight and bias, inside an L∞ ball.
 
 As the reference's `execute_ft` does it: Adam on the module's parameters only; per epoch a forward
 pass, a step when the loss is at least 1e-2, then an elementwise clamp into [W_start − ε, W_start + ε]
@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from editscale.errors import EditscaleError
-from editscale.methods.base import Editor, EditRequest, EditResult, MethodConfig, register
+from editscale.methods.base import Editor, EditRequest, EditResult, register
+from editscale.methods.config import MethodConfig
 from editscale.methods.ft_c.config import FtcConfig
 from editscale.models.adapter import ModelAdapter, split_template
 

@@ -1,4 +1,5 @@
-"""MEMIT: mass-editing memory in a transformer (Meng et al. 2023), as the paper's code computes it (spec §4)."""
+"""MEMIT: mass-editing memory in a transformer (Meng et al. 2023), as the paper's code computes it
+(docs/protocol.md §4)."""
 
 from pathlib import Path
 

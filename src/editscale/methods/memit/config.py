@@ -1,4 +1,4 @@
-"""MEMIT hyper-parameters (spec §4.5); per-model published defaults live in presets/<model>.yaml."""
+"""MEMIT hyper-parameters (docs/protocol.md §4.5); per-model published defaults live in presets/<model>.yaml."""
 
 from __future__ import annotations
 

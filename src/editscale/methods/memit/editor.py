@@ -1,4 +1,4 @@
-"""MEMIT's per-layer update (spec §4.4), on the shared z / keys / residual spreading of `solver.spread`:
+"""MEMIT's per-layer update (docs/protocol.md §4.4), on the shared z / keys / residual spreading of `solver.spread`:
 
     Δ^l = R^l Kᵀ (λ C^l + K Kᵀ)⁻¹          in float64, as A = solve(λC + KKᵀ, K), Δ = R Aᵀ
 
@@ -27,6 +27,6 @@ class MemitEditor(SpreadEditor):
         c = self.mom2(step.layer).to(device, torch.float64)  # [d_mlp, d_mlp]
         k = step.keys.double()  # [d_mlp, n]
         r = step.resid.double()  # [d_model, n]
-        # solve, not an explicit inverse (spec §11 item 18); the system is SPD, fp64 as the reference
+        # solve, not an explicit inverse (docs/protocol.md §10.15); the system is SPD, fp64 as the reference
         a = torch.linalg.solve(self.config.mom2_update_weight * c + k @ k.T, k)  # [d_mlp, n]
         return r @ a.T  # [d_model, d_mlp]

@@ -1,4 +1,4 @@
-"""r-ROME: ROME with consistent keys (Gupta et al. 2024, spec §3)."""
+"""r-ROME: ROME with consistent keys (Gupta et al. 2024, docs/protocol.md §3)."""
 
 from pathlib import Path
 

@@ -1,4 +1,4 @@
-"""r-ROME (Gupta et al. 2024, spec §3): ROME anchored on the template-averaged key everywhere.
+"""r-ROME (Gupta et al. 2024, docs/protocol.md §3): ROME anchored on the template-averaged key everywhere.
 
     ΔW = (v* − W k̄ − b) (C⁻¹ k̄)ᵀ / ((C⁻¹ k̄)ᵀ k̄)            key_mode "random_prefix" (the default)
 

@@ -1,4 +1,4 @@
-"""ROME: rank-one model editing (Meng et al. 2022), as the paper's code computes it (spec §2)."""
+"""ROME: rank-one model editing (Meng et al. 2022), as the paper's code computes it (docs/protocol.md §2)."""
 
 from pathlib import Path
 

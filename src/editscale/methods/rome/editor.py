@@ -1,4 +1,4 @@
-"""ROME (spec §2): a rank-one update of one MLP-output matrix that maps the subject's key to v*.
+"""ROME (docs/protocol.md §2): a rank-one update of one MLP-output matrix that maps the subject's key to v*.
 
     ΔW = (v* − W k0 − b) (C⁻¹ k̄)ᵀ / ((C⁻¹ k̄)ᵀ k0)            key_mode "original" (the reference)
 
@@ -35,8 +35,7 @@ class RomeEditor(Editor):
         self.context.context_templates(self.adapter, cfg.context_template_length_params)
         if cfg.mom2_adjustment:
             for layer in cfg.layers:
-                self.context.second_moment(self.adapter, layer, corpus=cfg.mom2_dataset,
-                                           n_samples=cfg.mom2_n_samples, dtype=cfg.mom2_dtype)
+                self.context.second_moment(self.adapter, layer, **cfg.stats_options())
 
     def compute(self, requests: Sequence[EditRequest]) -> EditResult:
         self.ensure_prepared()
@@ -44,7 +43,7 @@ class RomeEditor(Editor):
         total = torch.zeros(self.adapter.d_model, self.adapter.d_mlp, dtype=torch.float32)
         diagnostics: dict[str, float] = {}
         timings = {"keys": 0.0, "v_star": 0.0, "update": 0.0}
-        saved = self.adapter.get_mlp_out_weight(layer).detach().clone()
+        saved = self.adapter.snapshot([layer], biases=False)
         try:
             for request in requests:
                 delta, diag, t = self.rank_one(request)
@@ -54,7 +53,7 @@ class RomeEditor(Editor):
                     timings[k] += v
                 diagnostics = diag  # with several requests, the last one's diagnostics are reported
         finally:
-            self.adapter.set_mlp_out_weight(layer, saved)  # exact restore; subtracting would round
+            self.adapter.restore(saved)  # exact restore; subtracting would round
         if len(requests) > 1:
             diagnostics["update_norm"] = float(total.norm())
         return EditResult({layer: total}, diagnostics, timings)
@@ -62,21 +61,21 @@ class RomeEditor(Editor):
     def rank_one(self, request: EditRequest) -> tuple[torch.Tensor, dict[str, float], dict[str, float]]:
         cfg, adapter, ctx = self.config, self.adapter, self.context
         layer = cfg.layers[0]
-        stats = {"corpus": cfg.mom2_dataset, "n_samples": cfg.mom2_n_samples, "dtype": cfg.mom2_dtype}
         templates = ctx.context_templates(adapter, cfg.context_template_length_params)
 
         t0 = time.perf_counter()
         k_bar, v_bar = mean_key(adapter, layer, templates, request.prompt, request.subject, cfg.fact_token)
         (k0,), (v_cur,) = keys_at_subject(adapter, layer, [request.prompt], request.subject, cfg.fact_token)
         direction_key = k0 if cfg.key_mode == "prompt" else k_bar
-        u = ctx.solve_mom2(adapter, layer, direction_key, **stats) if cfg.mom2_adjustment else direction_key.double()
+        if cfg.mom2_adjustment:
+            u = ctx.solve_mom2(adapter, layer, direction_key, **cfg.stats_options())
+        else:
+            u = direction_key.double()
         u = u / u.norm()
         t1 = time.perf_counter()
 
-        target = optimize_target(
-            adapter, layer, request.prompt, request.subject, request.target_new, templates, site="mlp",
-            steps=cfg.v_num_grad_steps, lr=cfg.v_lr, weight_decay=cfg.v_weight_decay,
-            clamp_norm_factor=cfg.clamp_norm_factor, kl_factor=cfg.kl_factor, fact_token=cfg.fact_token)
+        target = optimize_target(adapter, layer, request.prompt, request.subject, request.target_new, templates,
+                                 site="mlp", **cfg.target_options())
         t2 = time.perf_counter()
 
         # the key the update is anchored on, and the value the layer currently gives it

@@ -1,7 +1,7 @@
 """EditContext: the inputs that make two edits comparable, held explicitly instead of in globals.
 
 The reference keeps context templates, inverse covariances and statistics in process-global caches
-(spec §11 item 22). Here one EditContext object owns them for a run: templates are seeded and can
+(docs/protocol.md §10.16). Here one EditContext object owns them for a run: templates are seeded and can
 be passed in; statistics can be passed in per layer or are computed through the on-disk cache;
 factorisations of C are cached on the object, so a second run in the same process starts clean.
 """
@@ -33,7 +33,7 @@ class EditContext:
 
     def context_templates(self, adapter: ModelAdapter,
                           length_params: Sequence[Sequence[int]] = DEFAULT_LENGTH_PARAMS) -> list[str]:
-        """ROME's templates (spec §2.2)."""
+        """ROME's templates (docs/protocol.md §2.2)."""
         return self.template_set("rome", lambda: generate_context_templates(adapter, length_params, seed=self.seed))
 
     def template_set(self, kind: str, make: Callable[[], list[str]]) -> list[str]:
@@ -52,7 +52,7 @@ class EditContext:
 
     def solve_mom2(self, adapter: ModelAdapter, layer: int, rhs: torch.Tensor, *, corpus: str, n_samples: int,
                    dtype: str) -> torch.Tensor:
-        """C⁻¹ rhs in fp64 by a cached Cholesky factor (spec §11 item 18: solve, not inverse)."""
+        """C⁻¹ rhs in fp64 by a cached Cholesky factor (solve, not inverse: docs/protocol.md §10.15)."""
         if layer not in self._cholesky:
             c = self.second_moment(adapter, layer, corpus=corpus, n_samples=n_samples, dtype=dtype).double()
             self._cholesky[layer] = torch.linalg.cholesky(c)

@@ -37,6 +37,6 @@ def keys_at_subjects(adapter: ModelAdapter, layer: int, prompts: Sequence[str], 
 
 def mean_key(adapter: ModelAdapter, layer: int, templates: Sequence[str], prompt: str, subject: str,
              fact_token: str = "subject_last") -> tuple[torch.Tensor, torch.Tensor]:
-    """k̄ and v̄: the key and value averaged over the context templates (spec §2.4, plain mean)."""
+    """k̄ and v̄: the key and value averaged over the context templates (docs/protocol.md §2.4, plain mean)."""
     keys, values = keys_at_subject(adapter, layer, [fill(t, prompt) for t in templates], subject, fact_token)
     return keys.mean(dim=0), values.mean(dim=0)

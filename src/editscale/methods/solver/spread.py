@@ -1,9 +1,9 @@
-"""What MEMIT, EMMET and AlphaEdit share (spec §4.1-4.4, §5, §6): targets z at the last edited
+"""What MEMIT, EMMET and AlphaEdit share (docs/protocol.md §4.1-4.4, §5, §6): targets z at the last edited
 layer, keys per layer, and the layer loop that spreads the remaining residual over the layers.
 
-    Z        = [z_1 … z_n]                        block output at z_layer = layers[-1], optimised (§4.2)
+    Z        = [z_1 … z_n]                        block output at z_layer = layers[-1], optimised (§4.2 there)
     for i, l in enumerate(layers), ascending:
-      K^l    = keys on the current model           mean of group means over MEMIT's templates (§4.3)
+      K^l    = keys on the current model           mean of group means over MEMIT's templates (§4.3 there)
       cur_Z  = block output at z_layer, bare prompt, current model
       R^l    = (Z − cur_Z) / (L − i)
       Δ^l    = the method's update equation (K^l, R^l)
@@ -19,42 +19,32 @@ import time
 from abc import abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from pydantic import field_validator
 
 from editscale.errors import EditscaleError
-from editscale.methods.base import Editor, EditRequest, EditResult, MethodConfig
+from editscale.methods.base import Editor, EditRequest, EditResult
+from editscale.methods.config import StatsConfig, TargetConfig
 from editscale.methods.solver.context import EditContext
 from editscale.methods.solver.keys import fill, keys_at_subjects
 from editscale.methods.solver.targets import TargetValue, optimize_target
 from editscale.methods.solver.templates import generate_memit_templates, memit_template_groups
 from editscale.models.adapter import ModelAdapter
 
-TEMPLATE_KIND = "memit"  # all three methods use MEMIT's templates (spec §4.1, §5, §6)
+TEMPLATE_KIND = "memit"  # all three methods use MEMIT's templates (docs/protocol.md §4.1)
 
 
-class SpreadConfig(MethodConfig):
-    """Hyper-parameters common to the MEMIT family (spec §4.5); defaults are MEMIT's."""
+class SpreadConfig(TargetConfig, StatsConfig):
+    """Hyper-parameters common to the MEMIT family (docs/protocol.md §4.5); defaults are MEMIT's."""
 
     layers: list[int]
-    fact_token: Literal["subject_last", "subject_first", "subject_first_after_last", "last"] = "subject_last"
-    v_num_grad_steps: int = 20
-    v_lr: float = 0.5
-    # Traced but unused: the reference reads z's loss off the last block, i.e. the model's logits.
-    v_loss_layer: int | None = None
-    v_weight_decay: float = 0.5
     clamp_norm_factor: float = 0.75
-    kl_factor: float = 0.0625
-    mom2_dataset: str = "wikipedia"
-    mom2_n_samples: int = 100000
-    mom2_dtype: Literal["float32", "float64"] = "float32"
 
     @field_validator("layers")
     @classmethod
     def _ascending(cls, v: list[int]) -> list[int]:
-        # The reference sorts hparams.layers in place (spec §11 item 22); the config does it once here.
+        # The reference sorts hparams.layers in place (docs/protocol.md §10.16); the config does it once here.
         if not v:
             raise ValueError("at least one layer is needed")
         if len(set(v)) != len(v):
@@ -67,25 +57,21 @@ class SpreadConfig(MethodConfig):
 
 def compute_targets(adapter: ModelAdapter, cfg: SpreadConfig, requests: Sequence[EditRequest],
                     templates: Sequence[str]) -> tuple[torch.Tensor, list[TargetValue]]:
-    """Z [d_model, n]: z = h0 + δ per request, δ added to the block output at z_layer (spec §4.2).
+    """Z [d_model, n]: z = h0 + δ per request, δ added to the block output at z_layer (docs/protocol.md §4.2).
 
     Each z is optimised on the model as it is now, alone (requests do not see each other), over the
     flat list of templates (6 rewriting rows) plus the KL row.
     """
     z_layer = cfg.layers[-1]
-    found = [
-        optimize_target(adapter, z_layer, r.prompt, r.subject, r.target_new, templates, site="block",
-                        steps=cfg.v_num_grad_steps, lr=cfg.v_lr, weight_decay=cfg.v_weight_decay,
-                        clamp_norm_factor=cfg.clamp_norm_factor, kl_factor=cfg.kl_factor,
-                        fact_token=cfg.fact_token)
-        for r in requests
-    ]
+    found = [optimize_target(adapter, z_layer, r.prompt, r.subject, r.target_new, templates, site="block",
+                             **cfg.target_options())
+             for r in requests]
     return torch.stack([t.v_star for t in found], dim=1), found
 
 
 def layer_keys(adapter: ModelAdapter, layer: int, requests: Sequence[EditRequest], templates: Sequence[str],
                fact_token: str = "subject_last") -> torch.Tensor:
-    """K [d_mlp, n] fp32: per request, the mean over template groups of the group's mean key (§4.3)."""
+    """K [d_mlp, n] fp32: per request, the mean over template groups of the group's mean key (docs/protocol.md §4.3)."""
     groups = memit_template_groups(templates)
     flat = [t for g in groups for t in g]
     prompts = [fill(t, r.prompt) for r in requests for t in flat]
@@ -145,10 +131,11 @@ class SpreadEditor(Editor):
                                                                                          seed=self.context.seed))
 
     def mom2(self, layer: int) -> torch.Tensor:
-        """C of the original model for this layer, [d_mlp, d_mlp] on CPU (never updated by edits, §4.4)."""
+        """C of the original model for this layer, [d_mlp, d_mlp] on CPU.
+
+        Never updated by edits (docs/protocol.md §4.4)."""
         cfg = self.config
-        return self.context.second_moment(self.adapter, layer, corpus=cfg.mom2_dataset,
-                                          n_samples=cfg.mom2_n_samples, dtype=cfg.mom2_dtype)
+        return self.context.second_moment(self.adapter, layer, **cfg.stats_options())
 
     @abstractmethod
     def layer_update(self, step: LayerStep) -> torch.Tensor:
@@ -168,7 +155,7 @@ class SpreadEditor(Editor):
         z, found = compute_targets(adapter, cfg, requests, templates)  # [d_model, n]
         timings["v_star"] = time.perf_counter() - t0
 
-        saved = {layer: adapter.get_mlp_out_weight(layer) for layer in layers}  # fp32 copies
+        saved = adapter.snapshot(layers, biases=False)  # fp32 copies
         deltas: dict[int, torch.Tensor] = {}
         diagnostics: dict[str, float] = {}
         try:
@@ -187,9 +174,9 @@ class SpreadEditor(Editor):
                     deltas[layer] = delta
                     break
                 # W = W_orig + Δ (as the reference writes it), so the next layers' keys see the edit
-                adapter.set_mlp_out_weight(layer, saved[layer] + delta)
+                adapter.set_mlp_out_weight(layer, saved.weights[layer] + delta)
                 deltas[layer] = delta
-                w_norm = float(saved[layer].norm())
+                w_norm = float(saved.weights[layer].norm())
                 diagnostics[f"update_norm_l{layer}"] = float(delta.norm())
                 diagnostics[f"update_rel_l{layer}"] = float(delta.norm()) / w_norm if w_norm else float("inf")
                 diagnostics[f"key_norm_l{layer}"] = float(keys.norm(dim=0).mean())
@@ -203,8 +190,7 @@ class SpreadEditor(Editor):
                     (z.to(adapter.device) - hidden_at_subject(adapter, z_layer, requests, cfg.fact_token))
                     .norm(dim=0).mean())
         finally:
-            for layer, w in saved.items():
-                adapter.set_mlp_out_weight(layer, w)  # exact restore; subtracting would round
+            adapter.restore(saved)  # exact restore; subtracting would round
 
         n = len(found)
         diagnostics.update({

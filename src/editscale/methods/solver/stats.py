@@ -1,9 +1,9 @@
-"""Second-moment statistics C = E[k kᵀ] of an MLP-output layer's keys (spec §2.5): compute, cache, resume.
+"""Second-moment statistics C = E[k kᵀ] of an MLP-output layer's keys (docs/protocol.md §2.5): compute, cache, resume.
 
 C is the expensive, shared input of ROME, MEMIT, EMMET and AlphaEdit. It is computed once per
 (base model, layer, corpus, sample count, dtype) and cached on disk. The cache key pins the *base*
 model by name and by a fingerprint of its weights, so an edited or retrained model never picks up
-stale statistics (the reference keys on `config._name_or_path` only, spec §11 item 3).
+stale statistics (the reference keys on `config._name_or_path` only: docs/protocol.md §10.3).
 
 Accumulation runs over a fixed pseudo-random subset of the corpus's documents (seed 1, as the
 reference's FixedRandomSubsetSampler), every non-padding token, uncentred. Partial sums are saved
@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -25,73 +24,14 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from editscale.errors import EditscaleError, UnknownNameError
+from editscale.data.corpora import CORPUS_REVISIONS, corpus_documents
+from editscale.errors import EditscaleError
 from editscale.models.adapter import ModelAdapter
-
-SUBSET_SEED = 1  # the reference's `random_sample = 1`
 
 
 def default_cache_dir() -> Path:
     root = os.environ.get("EDITSCALE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "editscale")
     return Path(root) / "stats"
-
-
-# ---------------------------------------------------------------------- corpora
-
-
-def _factworld_docs(n: int) -> list[str]:
-    """Documents in the embedded model's own training distribution: fact lines and skill blocks.
-
-    A fixed pool of about 7,500 documents (1,500 of fact lines, 1,500 per skill task); mixing both
-    keeps C well conditioned, fact lines alone span few key directions.
-    """
-    from editscale.data.factworld import default_world
-    from editscale.data.factworld.skills import SKILL_TASKS, skill_training_text
-    from editscale.data.factworld.world import fact_lines
-
-    world = default_world()
-    rng = random.Random("stats-corpus")
-    lines = fact_lines(world, 3, rng)
-    docs = ["\n".join(lines[i:i + 4]) for i in range(0, len(lines), 4)][:1500]
-    for task in SKILL_TASKS.values():
-        text = skill_training_text(task, rng, world.reserved_names, 3000)
-        blocks = [b for b in text.split("\n\n") if b.strip()]
-        docs.extend("\n\n".join(blocks[i:i + 2]) + "\n\n" for i in range(0, len(blocks), 2))
-    return docs
-
-
-def _hf_docs(path: str, name: str | None) -> Callable[[int], list[str]]:
-    def load(n: int) -> list[str]:
-        try:
-            from datasets import load_dataset
-        except ImportError as err:
-            raise EditscaleError("this statistics corpus needs `datasets`: pip install 'editscale[online]'") from err
-        ds = load_dataset(path, name, split="train")
-        return [t for t in ds["text"] if t.strip()]
-
-    return load
-
-
-CORPORA: dict[str, Callable[[int], list[str]]] = {
-    "factworld": _factworld_docs,
-    "wikitext": _hf_docs("wikitext", "wikitext-103-raw-v1"),
-    # The reference's "wikipedia"/"20200501.en" snapshot is gone from the hub; this is its successor.
-    "wikipedia": _hf_docs("wikimedia/wikipedia", "20231101.en"),
-}
-# Generated corpora change when their generator does; the revision is part of the cache path, so
-# statistics cached from an older revision are never read back. Bump it with the generator.
-CORPUS_REVISIONS = {"factworld": 3}  # 2: skill examples keep recent objects out; 3: stated or denied facts
-
-
-def corpus_documents(corpus: str, n_samples: int) -> list[str]:
-    """`n_samples` documents of a corpus: a fixed random subset (seed 1), in a fixed order."""
-    if corpus not in CORPORA:
-        raise UnknownNameError(f"unknown statistics corpus '{corpus}'; known: {', '.join(CORPORA)}")
-    docs = CORPORA[corpus](n_samples)
-    if len(docs) > n_samples:
-        idx = sorted(random.Random(SUBSET_SEED).sample(range(len(docs)), n_samples))
-        docs = [docs[i] for i in idx]
-    return docs
 
 
 # ---------------------------------------------------------------------- cache key

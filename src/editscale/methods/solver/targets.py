@@ -1,4 +1,4 @@
-"""The target value v* (ROME, spec §2.6) or z (MEMIT, §4.2): the hidden vector at the subject token
+"""The target value v* (ROME, docs/protocol.md §2.6) or z (MEMIT, §4.2 there): the hidden vector at the subject token
 that makes the model say the new target, found by gradient descent on an added vector delta.
 
 One function serves both: ROME adds delta to the MLP output (site "mlp"), MEMIT to the block
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from editscale.errors import EditscaleError
 from editscale.methods.solver.keys import fill
 from editscale.models.adapter import ModelAdapter
 
@@ -38,7 +39,15 @@ class TargetValue:
 def optimize_target(adapter: ModelAdapter, layer: int, prompt: str, subject: str, target: str,
                     templates: Sequence[str], *, site: str = "mlp", steps: int = 20, lr: float = 0.5,
                     weight_decay: float = 0.5, clamp_norm_factor: float = 4.0, kl_factor: float = 0.0625,
-                    fact_token: str = "subject_last") -> TargetValue:
+                    fact_token: str = "subject_last", loss_layer: int | None = None) -> TargetValue:
+    """The target value for one request; `loss_layer` is the block whose output (through the final
+    norm and the unembedding) the loss is read from, None or the last block for the model's logits."""
+    if loss_layer is not None:
+        if not layer <= loss_layer < adapter.n_layers:
+            raise EditscaleError(f"v_loss_layer {loss_layer} must lie between the edited layer {layer} and the "
+                                 f"last block {adapter.n_layers - 1}: the loss must see the edit")
+        if loss_layer == adapter.n_layers - 1:
+            loss_layer = None  # the same values as the model's own final hidden states, one hook fewer
     target_ids = adapter.target_ids(target)
     n_target = len(target_ids)
     rewrite_prompts = [fill(t, prompt) for t in templates]
@@ -65,8 +74,8 @@ def optimize_target(adapter: ModelAdapter, layer: int, prompt: str, subject: str
         p.requires_grad_(False)
     try:
         return _optimize(adapter, layer, site, batch, lookup, row_idx, pos_idx, label_ids, n_rw, n_target,
-                         steps=steps, lr=lr, weight_decay=weight_decay, clamp_norm_factor=clamp_norm_factor,
-                         kl_factor=kl_factor)
+                         loss_layer=loss_layer, steps=steps, lr=lr, weight_decay=weight_decay,
+                         clamp_norm_factor=clamp_norm_factor, kl_factor=kl_factor)
     finally:
         for p in was_trainable:
             p.requires_grad_(True)
@@ -74,8 +83,8 @@ def optimize_target(adapter: ModelAdapter, layer: int, prompt: str, subject: str
 
 def _optimize(adapter: ModelAdapter, layer: int, site: str, batch: dict[str, torch.Tensor], lookup: list[int],
               row_idx: torch.Tensor, pos_idx: torch.Tensor, label_ids: torch.Tensor, n_rw: int, n_target: int, *,
-              steps: int, lr: float, weight_decay: float, clamp_norm_factor: float, kl_factor: float
-              ) -> TargetValue:
+              loss_layer: int | None, steps: int, lr: float, weight_decay: float, clamp_norm_factor: float,
+              kl_factor: float) -> TargetValue:
     delta = torch.zeros(adapter.d_model, dtype=torch.float32, device=adapter.device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=lr)
     kl_init: torch.Tensor | None = None
@@ -84,7 +93,7 @@ def _optimize(adapter: ModelAdapter, layer: int, site: str, batch: dict[str, tor
     n_steps = 0
     for it in range(steps):
         with adapter.record(site, layer, lookup) as rec, adapter.intervene(site, layer, lookup, delta):
-            hidden = adapter.final_hidden(batch)
+            hidden = adapter.final_hidden(batch) if loss_layer is None else adapter.block_hidden(batch, loss_layer)
         if v0 is None:
             v0 = rec.last[0].detach().clone()
         # only the scored positions go through the output head: the target positions, then the KL one

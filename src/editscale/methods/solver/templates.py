@@ -1,4 +1,4 @@
-"""Context (prefix) templates for k* and v*, generated from the unedited model (spec §2.2, §4.1).
+"""Context (prefix) templates for k* and v*, generated from the unedited model (docs/protocol.md §2.2, §4.1).
 
 The reference samples them once per process, unseeded, from whatever model is loaded when the
 first edit runs; a restart therefore edits with other templates. Here they are generated with an
@@ -68,13 +68,13 @@ def generate_context_templates(adapter: ModelAdapter, length_params: Sequence[Se
     return templates
 
 
-# MEMIT's seed prompts (spec §4.1): one sample of 10 tokens in total from each.
+# MEMIT's seed prompts (docs/protocol.md §4.1): one sample of 10 tokens in total from each.
 MEMIT_SEED_PROMPTS: tuple[str, ...] = ("The", "Therefore", "Because", "I", "You")
 MEMIT_TEMPLATE_LENGTH = 10
 
 
 def generate_memit_templates(adapter: ModelAdapter, *, seed: int = 0) -> list[str]:
-    """MEMIT's 6 templates, flat: "{}" then one "<sample>. {}" per seed prompt (spec §4.1).
+    """MEMIT's 6 templates, flat: "{}" then one "<sample>. {}" per seed prompt (docs/protocol.md §4.1).
 
     The reference holds them as two groups, [["{}"], [the 5 prefixed]]; they are stored flat like
     ROME's (one list per kind in the run's templates.json) and split by `memit_template_groups`.
@@ -89,7 +89,7 @@ def generate_memit_templates(adapter: ModelAdapter, *, seed: int = 0) -> list[st
 def memit_template_groups(templates: Sequence[str]) -> list[list[str]]:
     """[["{}"], [prefixed...]]: the first (bare) template is a group of its own, the rest the other.
 
-    Keys average within each group, then across groups (spec §4.3), so the bare prompt weighs 1/2.
+    Keys average within each group, then across groups (docs/protocol.md §4.3), so the bare prompt weighs 1/2.
     """
     if len(templates) < 2:
         return [list(templates)]

@@ -5,11 +5,10 @@ DIR/train_state.pt every few hundred steps and picked up again when the same com
 
 Data: a token stream of fact lines (every fact in its two trained phrasings, and with
 `shared_phrasings` in its relation's two shared ones too, shuffled, grouped 1-3 sentences a line),
-one stream per skill task (runs of answered few-shot blocks) and, with `recall_lines`, the recall
-drill (lists whose every item is answered `seen` or `new`). A batch row is a window from one
+and one stream per skill task (runs of answered few-shot blocks). A batch row is a window from one
 stream, starting at a line or block boundary: a fact line with probability `fact_share`, else a
-skill stream drawn by `skill_mix`. The first answer token of each skill block (and of each drill
-item) gets a larger loss weight, because that single token carries the decision and the rest of a
+skill stream drawn by `skill_mix`. The first answer token of each skill block gets a larger loss
+weight, because that single token carries the decision and the rest of a
 block is mostly predictable format.
 
 A YAML file of TrainConfig fields (`editscale train-embedded --config FILE`) overrides the shipped
@@ -36,14 +35,17 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 
+from editscale.config_files import read_yaml_mapping, validate
 from editscale.data.factworld.skills import (
-    RECALL_MARKER,
     SKILL_TASKS,
-    recall_drill_text,
+    SkillEvalSet,
     skill_eval_set,
     skill_training_text,
 )
 from editscale.data.factworld.world import FactWorld, fact_lines, generate_world
+from editscale.eval.downstream.fewshot import evaluate_fewshot
+from editscale.eval.knowledge import knowledge_scores
+from editscale.models.adapter import ModelAdapter
 
 
 class Stage(BaseModel):
@@ -91,8 +93,7 @@ class TrainConfig(BaseModel):
     varied_phrasings: bool = False
     filler: float = 0.0  # share of fact sentences carrying filler words (world.with_filler)
     skill_blocks: int = 30000  # answered blocks per skill task in its stream
-    recall_lines: int = 0  # lines of the recall drill (skills.recall_drill_text), a stream beside the skills
-    skill_mix: dict[str, float] | None = None  # share of each skill (and "recall") among skill rows; None: equal
+    skill_mix: dict[str, float] | None = None  # share of each skill among skill rows; None: equal
     answer_weight: float = 4.0
     eval_every: int = 500
     save_every: int = 250
@@ -101,7 +102,7 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _mix_names_every_stream_once(self) -> TrainConfig:
-        names = [*SKILL_TASKS, *(["recall"] if self.recall_lines else [])]
+        names = list(SKILL_TASKS)
         mix = self.skill_mix
         if mix is not None and (set(mix) != set(names) or min(mix.values()) < 0 or not sum(mix.values())):
             raise ValueError(f"skill_mix needs a share >= 0 for each of {', '.join(names)} (got {mix})")
@@ -149,8 +150,6 @@ def corpus_texts(world: FactWorld, cfg: TrainConfig) -> tuple[str, dict[str, str
     facts = "\n".join(fact_lines(world, cfg.fact_repeats, rng, phrasings=phrasings, filler=cfg.filler)) + "\n"
     skills = {name: skill_training_text(task, rng, world.reserved_names, cfg.skill_blocks)
               for name, task in SKILL_TASKS.items()}
-    if cfg.recall_lines:
-        skills["recall"] = recall_drill_text(rng, world.reserved_names, cfg.recall_lines)
     return facts, skills, [facts, *skills.values()]
 
 
@@ -194,8 +193,7 @@ def build_streams(tokenizer: Any, world: FactWorld, cfg: TrainConfig) -> dict[st
     facts, skills, _ = corpus_texts(world, cfg)
     streams = {"facts": _stream(tokenizer, facts, "\n", None, 1.0)}
     for name, text in skills.items():
-        marker = RECALL_MARKER if name == "recall" else SKILL_TASKS[name].fmt.marker
-        streams[name] = _stream(tokenizer, text, "\n\n", marker, cfg.answer_weight)
+        streams[name] = _stream(tokenizer, text, "\n\n", SKILL_TASKS[name].fmt.marker, cfg.answer_weight)
     return streams
 
 
@@ -283,7 +281,6 @@ def sample_mixed(streams: dict[str, Stream], mix: dict[str, float], cfg: TrainCo
 
 def load_train_config(path: Path, base: TrainConfig) -> TrainConfig:
     """`base` with the fields a YAML file sets; an unknown or invalid field is an error naming the file."""
-    from editscale.config_files import read_yaml_mapping, validate
 
     return validate(TrainConfig, base.model_dump() | read_yaml_mapping(path, "training config"), source=str(path))
 
@@ -298,30 +295,11 @@ def build_model(cfg: TrainConfig, vocab_size: int, eos_id: int) -> torch.nn.Modu
     return GPT2LMHeadModel(config)
 
 
-def recall_accuracy(model: torch.nn.Module, tokenizer: Any, world: FactWorld, n_lines: int = 40) -> float:
-    """Share of held-out recall-drill items answered right (`seen`/`new`, teacher-forced)."""
-    text = recall_drill_text(random.Random("recall-eval"), world.reserved_names, n_lines)
-    hits = total = 0
-    for line in text.split("\n\n")[:-1]:
-        s = _stream(tokenizer, line, "\n\n", RECALL_MARKER, 2.0)
-        ids = torch.as_tensor(s.ids, dtype=torch.long)[None]
-        answers = torch.as_tensor(np.flatnonzero(s.weights > 1))
-        with torch.no_grad():
-            logits = model(input_ids=ids).logits[0]
-        hits += int((logits[answers - 1].argmax(-1) == ids[0, answers]).sum())
-        total += len(answers)
-    return hits / total
-
-
 def quick_eval(model: torch.nn.Module, tokenizer: Any, world: FactWorld, n_facts: int = 300,
-               n_skill: int = 60, recall: bool = False) -> dict[str, float]:
-    from editscale.data.factworld.skills import SkillEvalSet
-    from editscale.eval.downstream.fewshot import evaluate_fewshot
-    from editscale.eval.knowledge import knowledge_scores
+               n_skill: int = 60) -> dict[str, float]:
 
     was_training = model.training
     model.eval()
-    from editscale.models.adapter import ModelAdapter
 
     out = knowledge_scores(ModelAdapter(model, tokenizer), world.records[:n_facts])
     for name, task in SKILL_TASKS.items():
@@ -331,8 +309,6 @@ def quick_eval(model: torch.nn.Module, tokenizer: Any, world: FactWorld, n_facts
             out[f"f1_{name}"] = float("nan")
             continue
         out[f"f1_{name}"] = evaluate_fewshot(model, tokenizer, task.fmt, es.demos, es.examples)["f1"]
-    if recall:
-        out["recall_acc"] = recall_accuracy(model, tokenizer, world)
     model.train(was_training)
     return out
 
@@ -470,7 +446,7 @@ def train(cfg: TrainConfig, out_dir: Path, *, init_from: Path | None = None, pro
             t_last = now
             bar.update(task, completed=step, loss=loss.item())
             if step % cfg.eval_every == 0 or step == cfg.total_steps:
-                ev = quick_eval(model, tokenizer, world, recall=bool(cfg.recall_lines))
+                ev = quick_eval(model, tokenizer, world)
                 ev.update(step=step, stage=cfg.stage_at(step - 1)[0], minutes=elapsed / 60, loss=loss.item())
                 history.append(ev)
                 log(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in ev.items()))
@@ -491,10 +467,9 @@ def train(cfg: TrainConfig, out_dir: Path, *, init_from: Path | None = None, pro
 # The configuration of the shipped checkpoint (`editscale train-embedded` uses it): one run from
 # scratch. The first stage memorises the facts (every fact also in its relation's shared phrasings);
 # the second rewords them (varied phrasings, filler words), which is what lets the model recall a
-# fact in a phrasing it never saw; more of the same wordings does not (pilots E and F, issue 2
-# notes). The short last stage swaps some words of those wordings for stand-in words, so that a fact
-# is recalled from whatever is left of a wording: last, with its own warm-up, it added 3-4 points of
-# never-seen recall, where stand-ins spread over the whole rewording stage added one (issue 2 notes).
+# fact in a phrasing it never saw. The short last stage swaps some words of those wordings for
+# stand-in words, so that a fact is recalled from whatever is left of a wording. The recipes tried
+# and their never-seen recall: docs/embedded-model.md.
 _REWORD_MIX = {"facts": 0.25, "phrasings": 0.45, "paraphrase": 0.075, "entailment": 0.075, "sentiment": 0.075,
                "acceptability": 0.075}
 EMBEDDED_CONFIG = TrainConfig(

@@ -10,16 +10,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
-from editscale.data.factworld import DEFAULT_N_SUBJECTS, DEFAULT_WORLD_SEED, checkpoint_dir
+from editscale.data.factworld import DEFAULT_N_SUBJECTS, DEFAULT_WORLD_SEED, default_world
 from editscale.data.factworld.world import RELATIONS
+from editscale.embedded import checkpoint_dir
+from editscale.eval.knowledge import knowledge_scores
+from editscale.eval.skills import evaluate_skills
+from editscale.models.loading import load_model
 
 # what a checkpoint directory must hold to be loaded by `load_model("embedded")`
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                     "training.json")
 MAX_CHECKPOINT_MB = 20
 SWEEP_FILE = "rome_sweep.json"  # written by benchmarks/single_edits.py --json
-# what the embedded model is required to reach (issue 2); the card says which are met
+# what the embedded model is required to reach (tests/test_embedded_model.py checks them); the card says which are met
 FACT_TARGETS = {"rewrite": 0.97, "paraphrase": 0.95, "neighborhood": 0.95, "unseen": 0.85}
 SKILL_F1_TARGET = 0.85
 
@@ -44,10 +49,6 @@ def install_checkpoint(src: Path, dest: Path | None = None) -> Path:
 
 def measure(model_dir: Path, *, device: str = "cpu", n_skill: int = 200) -> dict[str, Any]:
     """The figures the model card reports, over the whole fact world and 200 examples per skill."""
-    from editscale.api import evaluate_skills
-    from editscale.data.factworld import default_world
-    from editscale.eval.knowledge import knowledge_scores
-    from editscale.models.loading import load_model
 
     loaded = load_model(str(model_dir), device=device)
     t0 = time.time()
@@ -118,7 +119,7 @@ def write_model_card(model_dir: Path, *, device: str = "cpu") -> Path:
         "",
         "## Measured figures",
         "Facts: share of prompts on which the true object is likelier than the counterfactual one",
-        "(mean per-token NLL, spec section 9.2), over all records:",
+        "(mean per-token NLL, docs/protocol.md §8.1), over all records:",
         "",
         "| prompts | known | prompts scored | target |",
         "|---|---|---|---|",
@@ -195,6 +196,5 @@ def _sweep_section(path: Path) -> list[str]:
 
 
 def _load_state(model_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
 
     return load_file(str(model_dir / "model.safetensors"))

@@ -1,4 +1,4 @@
-"""Few-shot prompt formats of the paper's four downstream tasks (paper tables 4-7, spec section 9.7).
+"""Few-shot prompt formats of the paper's four downstream tasks (paper tables 4-7, docs/protocol.md §8.5).
 
 A task prompt is a run of demonstration blocks followed by the query; a block is the query with
 its answer word and a blank line. Keeping the format as data lets the GLUE tasks and the
@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+Example = tuple[Mapping[str, str], int]  # (fields, gold label)
+TASKS_DIR = Path(__file__).parent / "tasks"  # the built-in task files (eval.downstream.registry reads them)
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,7 @@ def format_from_spec(name: str, spec: Mapping[str, Any]) -> FewShotFormat:
 
 def _builtin_format(name: str) -> FewShotFormat:
     # The paper's strings live once, in the task files (tasks/<name>.yaml), not here as well.
-    doc = yaml.safe_load((Path(__file__).parent / "tasks" / f"{name}.yaml").read_text())
+    doc = yaml.safe_load((TASKS_DIR / f"{name}.yaml").read_text())
     return format_from_spec(name, doc["format"])
 
 
@@ -62,7 +65,7 @@ SST2_FORMAT = _builtin_format("sst2")
 MRPC_FORMAT = _builtin_format("mrpc")
 COLA_FORMAT = _builtin_format("cola")
 # The paper's RTE parser tests "False" first, then "True". Which gold label "True" stands for is a
-# property of the task (GLUE RTE's is inverted in the paper's code, spec pitfall 15), not the format.
+# property of the task (GLUE RTE's is inverted in the paper's code, docs/protocol.md §10.12), not the format.
 RTE_FORMAT = _builtin_format("rte")
 
 FORMATS: dict[str, FewShotFormat] = {f.name: f for f in (SST2_FORMAT, MRPC_FORMAT, COLA_FORMAT, RTE_FORMAT)}
