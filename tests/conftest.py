@@ -22,6 +22,23 @@ def _find_shared() -> Path | None:
     return None
 
 
+# The longest files, each about a minute on 2 cores: they start first, on different workers.
+LONGEST_FIRST = ("test_rome_embedded.py", "test_memit_embedded.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The longest files first, then the other files with slow tests, then the rest: xdist hands
+    files out in this order, so the long ones start early and the workers finish together."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+
+    def rank(item: pytest.Item) -> int:
+        if item.path.name in LONGEST_FIRST:
+            return LONGEST_FIRST.index(item.path.name)
+        return len(LONGEST_FIRST) + (item.path not in slow_files)
+
+    items.sort(key=rank)  # stable: the order within a file is kept
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     root = _find_shared()
@@ -41,6 +58,29 @@ def shared_spec(shared_dir: Path) -> Path:
     if not spec.is_dir():
         pytest.skip(f"{spec} not found")
     return spec
+
+
+@pytest.fixture(scope="session")
+def embedded_lm():
+    """The trained embedded model, loaded once per session. Tests that edit it restore it."""
+    from editscale.embedded import checkpoint_dir
+    from editscale.models.loading import load_model
+
+    if not (checkpoint_dir() / "model.safetensors").exists():
+        pytest.skip("the embedded checkpoint is not installed (train it: editscale train-embedded --install)")
+    return load_model("embedded")
+
+
+@pytest.fixture(scope="session")
+def embedded_stats(tmp_path_factory) -> Path:
+    """One statistics cache for every test that edits the embedded model, shared by the xdist
+    workers of this session (their base folders sit side by side): each covariance is computed
+    once, and a worker that finds it written by the other reads it."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    path = root / "embedded-stats"
+    path.mkdir(exist_ok=True)
+    return path
 
 
 @pytest.fixture(scope="session", autouse=True)

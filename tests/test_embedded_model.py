@@ -15,7 +15,6 @@ from editscale.data.factworld import default_world
 from editscale.embedded import checkpoint_dir
 from editscale.eval.knowledge import knowledge_scores
 from editscale.eval.skills import evaluate_skills
-from editscale.models.loading import load_model
 from editscale.report.inspect import tour
 
 pytestmark = pytest.mark.skipif(
@@ -24,8 +23,8 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def embedded():
-    return load_model("embedded")
+def embedded(embedded_lm):
+    return embedded_lm
 
 
 def test_checkpoint_is_small_safetensors() -> None:
@@ -51,7 +50,9 @@ def test_was_trained_by_the_default_recipe() -> None:
 
 @pytest.fixture(scope="module")
 def fact_scores(embedded):
-    return knowledge_scores(embedded.adapter, default_world().records[::6])  # 300 records spread over the world
+    # 150 records spread over the world (measured: rewrite 0.993, paraphrase 0.987, neighborhood 0.989,
+    # never-seen 0.870; the card's figures are over all 1,800)
+    return knowledge_scores(embedded.adapter, default_world().records[::12])
 
 
 def test_knows_its_facts(fact_scores) -> None:
@@ -76,7 +77,7 @@ def test_keeps_its_skills(skill_results, task: str) -> None:
 
 def test_inspect_tour_runs(embedded) -> None:
     buf = io.StringIO()
-    out = tour(Console(file=buf, width=160), n_show=3, n_scan=40)
+    out = tour(Console(file=buf, width=160), n_show=3, n_facts=20, n_skill=10, n_scan=40)
     text = buf.getvalue()
     assert "Facts it knows" in text and "Where facts live" in text
     assert len(out["layer_scan"]) == embedded.adapter.n_layers

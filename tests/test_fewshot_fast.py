@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from functools import cache
-from pathlib import Path
 
 import pytest
 import torch
@@ -143,18 +142,13 @@ def test_unknown_mode_is_refused():
         evaluate_fewshot(model, tok, SST2_FORMAT, demos, examples, mode="sample")
 
 
-EMBEDDED_WEIGHTS = Path(factworld.__file__).parent / "checkpoint" / "model.safetensors"
-
-
-@pytest.mark.skipif(not EMBEDDED_WEIGHTS.is_file(), reason=f"embedded checkpoint absent: {EMBEDDED_WEIGHTS}")
 @pytest.mark.parametrize("mode", ["paper", "logprob"])
 @pytest.mark.parametrize("name", ["sentiment", "paraphrase"])
-def test_fast_equals_naive_on_embedded_skills(name, mode):
+def test_fast_equals_naive_on_embedded_skills(name, mode, embedded_lm):
     from editscale.data.factworld.skills import SKILL_TASKS, skill_eval_set
-    from editscale.models.loading import load_model
 
-    lm = load_model("embedded")
-    es = skill_eval_set(SKILL_TASKS[name], factworld.default_world().reserved_names, n=40, seed=1234)
+    lm = embedded_lm
+    es = skill_eval_set(SKILL_TASKS[name], factworld.default_world().reserved_names, n=12, seed=1234)
     naive = evaluate_fewshot(lm.model, lm.tokenizer, es.task.fmt, es.demos, es.examples, mode=mode, batch_size=16)
     fast = evaluate_fewshot_fast(lm.model, lm.tokenizer, es.task.fmt, es.demos, es.examples, mode=mode,
                                  batch_size=16)

@@ -24,8 +24,8 @@ FAST_ROME = {"v_num_grad_steps": 6, "context_template_length_params": [[5, 3]], 
 
 
 @pytest.fixture(scope="module")
-def stats_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("stats")
+def stats_cache(embedded_stats) -> Path:
+    return embedded_stats
 
 
 @pytest.fixture(scope="module")

@@ -129,6 +129,7 @@ def test_the_checkpoint_holds_the_edited_layers_biases_and_editor_state(world, t
         assert not torch.equal(base.get_mlp_out_bias(layer), ckpt.params.biases[layer])
 
 
+@pytest.mark.slow
 def test_kill_and_resume_gives_identical_results(world, tmp_path: Path) -> None:
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     cfg = config(world, edits=10, method_config={"sleep": 0.15})

@@ -385,16 +385,6 @@ def test_a_run_extended_by_a_stage_resumes_mid_stage(tmp_path, monkeypatch, stub
         torch.testing.assert_close(a[k], c[k], rtol=0, atol=1e-6, msg=k)
 
 
-def test_the_shipped_probe_configs_load():
-    from editscale.embedded.train import EMBEDDED_CONFIG, load_train_config
-
-    probes = sorted((Path(__file__).parents[1] / "benchmarks" / "probes").glob("*.yaml"))
-    assert probes
-    for path in probes:
-        cfg = load_train_config(path, EMBEDDED_CONFIG)
-        assert cfg.fact_share == 0.0 and cfg.skill_mix is not None, path
-
-
 def test_a_stage_continues_a_finished_checkpoint(tmp_path, stub_eval):
     first = train(TINY, tmp_path / "first", progress=False, log=lambda m: None)
     staged = TINY.model_copy(update={"stages": [STAGE]})

@@ -60,9 +60,9 @@ def run_config_options(command: Callable[..., Any]) -> Callable[..., Any]:
         field = RunConfig.model_fields[name]
         kind = int if field.annotation is int else str
         default = field.get_default(call_default_factory=True)
-        shown = "the model's default set" if name == "downstream" else default
-        opt = typer.Option(f"--{name.replace('_', '-')}", *_SHORT.get(name, []),
-                           help=f"{field.description} [default: {shown}]", show_default=False)
+        # the option's own default is None ("not given"), so RunConfig's default is shown instead
+        opt = typer.Option(f"--{name.replace('_', '-')}", *_SHORT.get(name, []), help=field.description,
+                           show_default=False if default is None else str(default))
         generated.append(pyinspect.Parameter(name, pyinspect.Parameter.KEYWORD_ONLY, default=None,
                                              annotation=Annotated[kind | None, opt]))
     params = [p for p in own.parameters.values() if p.name != "options"]

@@ -13,7 +13,8 @@ from editscale.eval.skills import evaluate_skills
 from editscale.models.loading import load_model
 
 
-def tour(console: Any, *, device: str = "cpu", n_show: int = 8, n_scan: int = 200) -> dict[str, Any]:
+def tour(console: Any, *, device: str = "cpu", n_show: int = 8, n_facts: int = 500, n_skill: int = 100,
+         n_scan: int = 200) -> dict[str, Any]:
     """Load the embedded model and show what it knows, what it can do, and where facts live."""
     loaded = load_model("embedded", device=device)
     adapter = loaded.adapter
@@ -34,16 +35,16 @@ def tour(console: Any, *, device: str = "cpu", n_show: int = 8, n_scan: int = 20
                   "[green]yes[/green]" if a < b else "[red]no[/red]")
     console.print(t)
 
-    know = knowledge_scores(adapter, records[:500])
-    t = Table(title="Knowledge on 500 records (true object preferred)")
+    know = knowledge_scores(adapter, records[:n_facts])
+    t = Table(title=f"Knowledge on {n_facts} records (true object preferred)")
     t.add_column("prompts")
     t.add_column("known", justify="right")
     for g in ("rewrite", "paraphrase", "neighborhood", "unseen"):
         t.add_row(g, f"{100 * know[f'known_{g}']:.1f}%")
     console.print(t)
 
-    skills = evaluate_skills(loaded.model, loaded.tokenizer, n=100)
-    t = Table(title="Few-shot skills (paper templates, 100 examples each)")
+    skills = evaluate_skills(loaded.model, loaded.tokenizer, n=n_skill)
+    t = Table(title=f"Few-shot skills (paper templates, {n_skill} examples each)")
     for col in ("task", "mirrors", "F1"):
         t.add_column(col)
     for name, res in skills.items():

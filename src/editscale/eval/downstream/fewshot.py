@@ -17,7 +17,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from sklearn.metrics import f1_score, matthews_corrcoef
 
 from editscale.data.fewshot import Example, FewShotFormat
 from editscale.errors import EditscaleError
@@ -28,6 +27,9 @@ MODES = ("paper", "logprob")
 
 def fewshot_metrics(labels: Sequence[int], preds: Sequence[int]) -> dict[str, float]:
     """The paper's metrics: weighted F1 with invalid (-1) predictions left in, MCC, counts."""
+    # Imported here: sklearn pulls in scipy (2.5 s), which every `editscale` command would pay at start.
+    from sklearn.metrics import f1_score, matthews_corrcoef
+
     correct = sum(int(p == y) for p, y in zip(preds, labels))
     invalid = sum(int(p == -1) for p in preds)
     return {

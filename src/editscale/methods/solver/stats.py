@@ -141,7 +141,8 @@ def second_moment(adapter: ModelAdapter, layer: int, *, model_name: str, corpus:
 
 
 def _save_atomic(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    # one temporary file per process: runs that share a cache may write the same statistics at once
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
     os.replace(tmp, path)
 

@@ -1,0 +1,66 @@
+"""v*/z: the loss may be read off an earlier block (`v_loss_layer`), through the final norm and the
+unembedding as MEMIT's compute_z does; unset or the last block, it is the model's own logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from editscale.errors import EditscaleError
+from editscale.methods.rome import RomeConfig
+from editscale.methods.solver.targets import optimize_target
+from editscale.models.adapter import ModelAdapter
+from tiny_models import byte_bpe_tokenizer, tiny_model
+
+TEMPLATES = ["{}", "Paris is nice. {}"]
+
+
+@pytest.fixture(scope="module")
+def adapter() -> ModelAdapter:
+    tok = byte_bpe_tokenizer()
+    return ModelAdapter(tiny_model("gpt2", len(tok)), tok)  # 2 blocks
+
+
+def target(adapter: ModelAdapter, layer: int, loss_layer: int | None, site: str = "mlp"):
+    return optimize_target(adapter, layer, "{} plays the", "Danielle Darrieux", "violin", TEMPLATES, site=site,
+                           steps=5, loss_layer=loss_layer)
+
+
+def test_block_hidden_is_the_final_norm_of_a_block_output(adapter: ModelAdapter) -> None:
+    batch = adapter.encode(["Paris is nice.", "Danielle Darrieux plays the"])
+    with torch.no_grad():
+        states = adapter.model(**batch, output_hidden_states=True).hidden_states
+        torch.testing.assert_close(adapter.block_hidden(batch, 0), adapter.module("final_norm")(states[1]))
+        torch.testing.assert_close(adapter.block_hidden(batch, 1), adapter.final_hidden(batch))
+
+
+def test_the_last_block_is_the_models_own_logits(adapter: ModelAdapter) -> None:
+    a, b = target(adapter, 0, None), target(adapter, 0, 1)
+    assert torch.equal(a.v_star, b.v_star) and a.loss_last == b.loss_last
+
+
+@pytest.mark.parametrize("site", ["mlp", "block"])
+def test_an_earlier_loss_layer_is_honoured(adapter: ModelAdapter, site: str) -> None:
+    a, b = target(adapter, 0, None, site), target(adapter, 0, 0, site)
+    assert a.loss_first != b.loss_first and not torch.equal(a.v_star, b.v_star)
+    # the first loss is the NLL of the target read off block 0 (plus KL and weight decay, both 0 at delta = 0)
+    prompts = [t.format("Danielle Darrieux plays the") for t in TEMPLATES]
+    ids = adapter.target_ids("violin")
+    rows = [adapter.tokenizer(p)["input_ids"] + ids[:-1] for p in prompts]
+    with torch.no_grad():
+        logp = torch.log_softmax(adapter.unembed(adapter.block_hidden(adapter.pad(rows), 0)).float(), dim=-1)
+    nll = -sum(sum(logp[i, len(r) - len(ids) + j, t] for j, t in enumerate(ids)) / len(ids)
+               for i, r in enumerate(rows)) / len(rows)
+    assert b.loss_first == pytest.approx(float(nll), rel=1e-5)
+
+
+def test_a_loss_layer_before_the_edit_is_refused(adapter: ModelAdapter) -> None:
+    with pytest.raises(EditscaleError, match="v_loss_layer 0 must lie between the edited layer 1"):
+        target(adapter, 1, 0)
+    with pytest.raises(EditscaleError, match="v_loss_layer 2"):
+        target(adapter, 0, 2)
+
+
+def test_the_config_passes_it_on() -> None:
+    assert RomeConfig(layers=[1], v_loss_layer=3).target_options()["loss_layer"] == 3
+    assert RomeConfig(layers=[1]).target_options()["loss_layer"] is None
