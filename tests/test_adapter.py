@@ -180,6 +180,27 @@ def test_half_precision_model_sums_updates_in_fp32(tokenizers):
     torch.testing.assert_close(adapter.get_mlp_out_weight(layer), (w0 + delta).bfloat16().float())
 
 
+@pytest.mark.parametrize("model_type, dtype", [("gpt2", torch.bfloat16), ("gptj", torch.float32),
+                                               ("llama", torch.float16)])
+def test_snapshot_and_restore_are_exact(model_type, dtype, tokenizers):
+    adapter = make_adapter(model_type, tokenizers, dtype=dtype)
+    state = {k: v.clone() for k, v in adapter.model.state_dict().items()}
+    snap = adapter.snapshot([0, 1])
+    has_bias = adapter.module("mlp_out", 0).bias is not None  # GPT-2 and GPT-J have one, Llama not
+    assert set(snap.weights) == {0, 1} and set(snap.biases) == ({0, 1} if has_bias else set())
+    assert all(w.dtype == torch.float32 and w.shape == (adapter.d_model, adapter.d_mlp) for w in snap.weights.values())
+    adapter.add_to_mlp_out_weight(1, torch.full((adapter.d_model, adapter.d_mlp), 0.1))
+    if has_bias:
+        adapter.add_to_mlp_out_bias(0, torch.full((adapter.d_model,), 0.1))
+        assert not torch.equal(adapter.get_mlp_out_bias(0), snap.biases[0])
+    else:
+        assert adapter.get_mlp_out_bias(0) is None
+        with pytest.raises(EditscaleError, match="has no bias"):
+            adapter.add_to_mlp_out_bias(0, torch.zeros(adapter.d_model))
+    adapter.restore(snap)
+    assert all(torch.equal(v, state[k]) for k, v in adapter.model.state_dict().items())
+
+
 # ---------------------------------------------------------------------- interventions
 
 

@@ -49,3 +49,20 @@ def test_same_update_as_rome_in_random_prefix_mode() -> None:
         assert result.diagnostics["u_dot_k"] > 0
         deltas.append(result.deltas[1])
     torch.testing.assert_close(deltas[0], deltas[1], rtol=0, atol=0)
+
+
+def test_a_preset_extends_another_methods_preset(tmp_path) -> None:
+    from editscale.errors import EditscaleError
+    from editscale.methods.base import preset_mapping
+
+    assert "extends: rome" in (RRomeEditor.presets_dir / "gpt2-xl.yaml").read_text()
+    (tmp_path / "gpt2-xl.yaml").write_text("extends: rome\nclamp_norm_factor: 2\n")
+    (tmp_path / "opt-125m.yaml").write_text("extends: rome\n")
+
+    class Child(RRomeEditor):
+        presets_dir = tmp_path
+
+    child = preset_mapping(Child, "gpt2-xl")
+    assert child == {**preset_mapping(RomeEditor, "gpt2-xl"), "clamp_norm_factor": 2}
+    with pytest.raises(EditscaleError, match="extends the rome preset for 'opt-125m', which does not exist"):
+        preset_mapping(Child, "opt-125m")

@@ -127,3 +127,36 @@ def test_online_corpora_go_through_datasets(monkeypatch) -> None:
     assert docs == [" = Title = ", "First paragraph of text .", "Second one ."]  # empty lines dropped
     corpus_documents("wikipedia", 2)
     assert calls[-1] == ("wikimedia/wikipedia", "20231101.en", "train")
+
+
+def test_a_computation_held_by_another_process_is_waited_for(adapter: ModelAdapter, tmp_path, monkeypatch) -> None:
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    kwargs = dict(model_name="tiny", n_samples=20, cache_dir=tmp_path, progress=False, token_budget=256)
+    want = second_moment(adapter, 1, **{**kwargs, "cache_dir": tmp_path / "ref"})
+    path = StatsKey("tiny", model_fingerprint(adapter.model), 1, "factworld", 20, "float64",
+                    adapter.max_positions).path(tmp_path)
+    path.parent.mkdir(parents=True)
+    lock = path.with_suffix(".lock")
+    lock.write_text(str(os.getpid()))  # a live holder: wait, and read what it writes
+
+    def boom(*a, **k):
+        raise AssertionError("statistics held by another process must not be computed again")
+
+    monkeypatch.setattr(adapter, "capture_mlp_keys", boom)
+    monkeypatch.setattr(stats_mod, "LOCK_POLL_SECONDS", 0.05)
+    writer = threading.Timer(0.3, lambda: stats_mod._save_atomic(path, {"mom2": want}))
+    writer.start()
+    got = second_moment(adapter, 1, **kwargs)
+    writer.join()
+    assert torch.equal(got, want) and lock.exists()  # the holder's lock is the holder's to remove
+    monkeypatch.undo()
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    path.unlink()
+    lock.write_text(dead.stdout.strip())  # left by a process that is gone: taken over
+    again = second_moment(adapter, 1, **kwargs)
+    assert torch.equal(again, want) and not lock.exists()

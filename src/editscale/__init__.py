@@ -6,14 +6,13 @@ are imported on first use, so importing any submodule does not pull in the whole
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
-    import importlib
-
     api = importlib.import_module("editscale.api")
     if name in api.__all__:
         return getattr(api, name)

@@ -17,7 +17,7 @@ from editscale.errors import EditscaleError, UnknownNameError
 SUBSET_SEED = 1  # the reference's `random_sample = 1`
 
 
-def _factworld_docs(n: int) -> list[str]:
+def _factworld_docs() -> list[str]:
     """Documents in the embedded model's own training distribution: fact lines and skill blocks.
 
     A fixed pool of about 7,500 documents (1,500 of fact lines, 1,500 per skill task); mixing both
@@ -34,8 +34,8 @@ def _factworld_docs(n: int) -> list[str]:
     return docs
 
 
-def _hf_docs(path: str, name: str | None) -> Callable[[int], list[str]]:
-    def load(n: int) -> list[str]:
+def _hf_docs(path: str, name: str | None) -> Callable[[], list[str]]:
+    def load() -> list[str]:
         try:
             from datasets import load_dataset
         except ImportError as err:
@@ -46,7 +46,8 @@ def _hf_docs(path: str, name: str | None) -> Callable[[int], list[str]]:
     return load
 
 
-CORPORA: dict[str, Callable[[int], list[str]]] = {
+# name -> all the documents of a corpus; `corpus_documents` takes the fixed subset a run uses
+CORPORA: dict[str, Callable[[], list[str]]] = {
     "factworld": _factworld_docs,
     "wikitext": _hf_docs("wikitext", "wikitext-103-raw-v1"),
     # The reference's "wikipedia"/"20200501.en" snapshot is gone from the hub; this is its successor.
@@ -61,7 +62,7 @@ def corpus_documents(corpus: str, n_samples: int) -> list[str]:
     """`n_samples` documents of a corpus: a fixed random subset (seed 1), in a fixed order."""
     if corpus not in CORPORA:
         raise UnknownNameError(f"unknown statistics corpus '{corpus}'; known: {', '.join(CORPORA)}")
-    docs = CORPORA[corpus](n_samples)
+    docs = CORPORA[corpus]()
     if len(docs) > n_samples:
         idx = sorted(random.Random(SUBSET_SEED).sample(range(len(docs)), n_samples))
         docs = [docs[i] for i in idx]

@@ -34,6 +34,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, model_validator
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from tokenizers import ByteLevelBPETokenizer
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from editscale.config_files import read_yaml_mapping, validate
 from editscale.data.factworld.skills import (
@@ -155,8 +158,6 @@ def corpus_texts(world: FactWorld, cfg: TrainConfig) -> tuple[str, dict[str, str
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
     """A byte-level BPE like GPT-2's (no prefix space), so GPT-2's spacing rules apply unchanged."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer(add_prefix_space=False)
     sample = [t[i:i + 4000] for t in texts for i in range(0, min(len(t), 2_000_000), 4000)]
@@ -286,7 +287,6 @@ def load_train_config(path: Path, base: TrainConfig) -> TrainConfig:
 
 
 def build_model(cfg: TrainConfig, vocab_size: int, eos_id: int) -> torch.nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(vocab_size=vocab_size, n_positions=cfg.n_positions, n_embd=cfg.n_embd,
                         n_layer=cfg.n_layer, n_head=cfg.n_head, bos_token_id=eos_id, eos_token_id=eos_id,
@@ -320,7 +320,6 @@ def init_state(cfg: TrainConfig, checkpoint: Path) -> tuple[TrainConfig, dict[st
     the batch sampler's state are gone, so they start afresh at its last step (recorded in the
     history). `cfg` must continue that config (`TrainConfig.extends`), e.g. add a stage.
     """
-    from transformers import GPT2LMHeadModel
 
     record_path = checkpoint / "training.json"
     if not record_path.exists():
@@ -344,8 +343,6 @@ def train(cfg: TrainConfig, out_dir: Path, *, init_from: Path | None = None, pro
 
     ``init_from``: a finished checkpoint to continue from (`init_state`) when ``out_dir`` holds no
     training state yet; its tokenizer is reused."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-    from transformers import PreTrainedTokenizerFast
 
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.threads:

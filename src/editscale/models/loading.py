@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from editscale.errors import EditscaleError
 from editscale.models.adapter import ModelAdapter
@@ -121,7 +123,6 @@ def load_model(name_or_path: str | Path, *, dtype: str | torch.dtype = "float32"
     accelerate) `device` is ignored and accelerate places the weights. Parameters are frozen and
     the model is in eval mode.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     name = str(name_or_path)
     model_name = model_key(name)
@@ -189,7 +190,6 @@ def _pick_device(device: str | torch.device) -> torch.device:
 
 def _dtype_keyword() -> str:
     # transformers renamed torch_dtype to dtype in 4.56; older releases reject the new name.
-    import transformers
 
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"

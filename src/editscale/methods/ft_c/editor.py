@@ -136,8 +136,9 @@ class FtcEditor(Editor):
         t0 = time.perf_counter()
         chunks = [self._layout(requests[i:i + cfg.batch_size]) for i in range(0, len(requests), cfg.batch_size)]
         trained = self._trained()
-        start = [t.param.detach().clone() for t in trained]  # exact restore target
-        w_start = {layer: adapter.get_mlp_out_weight(layer) for layer in cfg.layers}  # canonical fp32 copies
+        start = [t.param.detach().clone() for t in trained]  # in storage layout: the clamp's anchors
+        saved = adapter.snapshot(cfg.layers)  # canonical fp32 copies: the deltas' base and the exact restore
+        w_start = saved.weights
         bounds = self._bounds(trained, start)
         flags = [(p, p.requires_grad) for p in adapter.model.parameters()]
         t1 = time.perf_counter()
@@ -175,10 +176,9 @@ class FtcEditor(Editor):
             bias_deltas = {t.layer: (t.param.detach().float() - s.float()).cpu()
                            for t, s in zip(trained, start, strict=True) if t.kind == "bias"}
         finally:
-            with torch.no_grad():
-                for t, s in zip(trained, start, strict=True):
-                    t.param.copy_(s)  # exact restore; subtracting the delta would round
-                    t.param.grad = None
+            adapter.restore(saved)  # exact restore; subtracting the delta would round
+            for t in trained:
+                t.param.grad = None
             for p, flag in flags:
                 p.requires_grad_(flag)
         t2 = time.perf_counter()

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import load_file, save_file
 
 from editscale.data.corpora import CORPUS_REVISIONS, corpus_documents
@@ -109,6 +110,59 @@ def second_moment(adapter: ModelAdapter, layer: int, *, model_name: str, corpus:
     if path.exists():
         return load_file(path)["mom2"]
     path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.with_suffix(".lock")
+    while not _claim(lock):  # another process computes these statistics: wait for them
+        if path.exists():
+            return load_file(path)["mom2"]
+        time.sleep(LOCK_POLL_SECONDS)
+    try:
+        if path.exists():  # written while we waited
+            return load_file(path)["mom2"]
+        return _accumulate(adapter, layer, key, path, token_budget=token_budget, save_every=save_every,
+                           progress=progress)
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+LOCK_POLL_SECONDS = 0.5
+
+
+def _claim(lock: Path) -> bool:
+    """Take the lock of a statistics file: False while another live process on this machine holds it.
+
+    Runs that share a cache (a sweep, two test workers) then compute each covariance once. A lock
+    left by a killed process is taken over, and its partial sums are resumed.
+    """
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            owner = lock.read_text().strip()
+        except OSError:
+            return False  # released between our two calls: try again on the next poll
+        if not owner or _alive(int(owner)):
+            return False  # being written (no pid yet), or held
+        lock.unlink(missing_ok=True)  # its process is gone
+        return _claim(lock)
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _accumulate(adapter: ModelAdapter, layer: int, key: StatsKey, path: Path, *, token_budget: int,
+                save_every: int, progress: bool) -> torch.Tensor:
+    """The accumulation itself, under the lock: resumed from the partial sums of a killed run."""
+    corpus, n_samples, dtype, max_length = key.corpus, key.n_samples, key.dtype, key.max_length
     partial = path.with_suffix(".partial.safetensors")
     tdtype = _DTYPES[dtype]
     total = torch.zeros(adapter.d_mlp, adapter.d_mlp, dtype=tdtype)
@@ -150,7 +204,6 @@ def _save_atomic(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, s
 def _progress(enabled: bool, label: str, total: int, start: int) -> Callable[[int | None], Any]:
     if not enabled:
         return lambda n: None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("docs"), TimeRemainingColumn(),
                    transient=True)
