@@ -70,9 +70,8 @@ def run_config_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(command)
     def wrapper(**kwargs: Any) -> Any:
-        options = {n: _option_value(n, kwargs.pop(n)) for n in RUN_OPTION_FIELDS if kwargs.get(n) is not None}
-        for n in RUN_OPTION_FIELDS:
-            kwargs.pop(n, None)
+        given = {n: kwargs.pop(n) for n in RUN_OPTION_FIELDS}
+        options = {n: _option_value(n, v) for n, v in given.items() if v is not None}
         return command(options=options, **kwargs)
 
     wrapper.__signature__ = own.replace(parameters=params)  # type: ignore[attr-defined]

@@ -129,13 +129,7 @@ class Editor(ABC):
     @classmethod
     def default_config(cls, model_name: str) -> MethodConfig:
         """The published hyper-parameters for a model preset (`<presets_dir>/<slug>.yaml`)."""
-        preset = preset_mapping(cls, model_name)
-        if preset is None:
-            raise EditscaleError(
-                f"no {cls.name} hyper-parameters for model '{model_name}'; presets: {', '.join(preset_names(cls))}. "
-                "Pass --method-config FILE.yaml"
-            )
-        return cls.config_class.parse(preset, source=f"{cls.name} preset for {model_name}")
+        return resolve_method_config(cls.name, model_name)
 
 
 def preset_names(cls: type[Editor]) -> list[str]:
