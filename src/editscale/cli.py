@@ -58,10 +58,13 @@ def run_config_options(command: Callable[..., Any]) -> Callable[..., Any]:
     generated = []
     for name in RUN_OPTION_FIELDS:
         field = RunConfig.model_fields[name]
-        kind = int if field.annotation is int else str
+        kind = field.annotation if field.annotation in (int, bool) else str
         default = field.get_default(call_default_factory=True)
+        flag = f"--{name.replace('_', '-')}"
+        if kind is bool:
+            flag = f"{flag}/--no-{name.replace('_', '-')}"
         # the option's own default is None ("not given"), so RunConfig's default is shown instead
-        opt = typer.Option(f"--{name.replace('_', '-')}", *_SHORT.get(name, []), help=field.description,
+        opt = typer.Option(flag, *_SHORT.get(name, []), help=field.description,
                            show_default=False if default is None else str(default))
         generated.append(pyinspect.Parameter(name, pyinspect.Parameter.KEYWORD_ONLY, default=None,
                                              annotation=Annotated[kind | None, opt]))

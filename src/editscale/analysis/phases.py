@@ -1,69 +1,163 @@
-"""The gradual and the catastrophic phase of a run, and the disabling edits (paper §3.4).
+"""The gradual and the catastrophic phase of a run, and its disabling-edit candidates (paper §3.4).
 
 The paper finds disabling edits by eye: the edit where the distance curve jumps and forgetting
-and ES collapse. Here the same reading is a rule with its thresholds as parameters:
+and ES collapse. Here the same reading is a rule whose thresholds are the fields of `PhaseRule`:
 
-- a *disabling candidate* is an edit whose single update is at least `jump_factor` times the
-  median size of the updates before it (after `warmup` edits), i.e. a jump in the drift curve;
-- the *collapse* is the first candidate after which the model is broken: the mean ES of the next
-  `window` edits is below `es_floor`, or recall of never-edited control facts at the next
-  forgetting checkpoint has fallen below `control_floor` times its first value.
+- a *disabling candidate* is an update at least `jump_factor` times the median size of the
+  updates before it (after `warmup` updates): a jump in the distance curve. The size is the
+  editor's `update_norm` diagnostic (||ΔW||_F, over all edited layers), or the step of the
+  distance curve for a method that does not report one;
+- the *collapse* is the first candidate after which the model is broken: the mean ES of the
+  edits of the next `window` updates is below `es_floor`, or recall of never-edited control facts
+  at the next forgetting checkpoint is below `control_floor` times its first value.
 
-Edits before the collapse form the gradual phase, the rest the catastrophic one.
+Edits before the collapse form the gradual phase, the rest the catastrophic one. A batched run is
+read per batch: an update is a batch, and a candidate is a batch. `analyze` adds, for every
+candidate, what the paper looks at around it (docs/protocol.md §8.7).
 """
 
 from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from editscale.analysis.rundata import RunData
+
+
+class PhaseRule(BaseModel):
+    """The thresholds of the phase rule; the defaults are the ones the documentation quotes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    jump_factor: float = Field(10.0, gt=1, description="An update is a disabling candidate when it is at least "
+                                                        "this many times the median of the updates before it.")
+    warmup: int = Field(10, ge=1, description="Updates (edits, or batches) seen before any can be a candidate.")
+    window: int = Field(10, ge=1, description="Updates after a candidate whose edits' mean ES decides a collapse.")
+    es_floor: float = Field(0.5, ge=0, le=1, description="Mean ES below this after a candidate: a collapse.")
+    control_floor: float = Field(0.5, ge=0, le=1, description="Control-fact recall below this share of its "
+                                                              "first value after a candidate: a collapse.")
 
 
 @dataclass
 class Phases:
-    collapse_index: int | None  # edit index of the disabling edit that starts the catastrophic phase
-    candidates: list[int] = field(default_factory=list)  # every drift jump, collapsing or not
+    collapse_index: int | None  # first edit of the update that starts the catastrophic phase
+    candidates: list[int] = field(default_factory=list)  # first edit index of every jump, collapsing or not
     gradual: tuple[int, int] = (0, 0)  # [start, end) edit indices
     catastrophic: tuple[int, int] | None = None
     reason: str = ""
 
 
-def _update_size(row: dict[str, Any]) -> float | None:
-    d = row.get("diagnostics") or {}
-    v = d.get("update_norm")
-    if v is None:
-        # methods without an update_norm diagnostic: the drift curve's own step
-        return None
-    return float(v)
+def updates(edits: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The rows of the run's successful edits grouped by update: one edit each, or one batch each."""
+    out: list[list[dict[str, Any]]] = []
+    for r in edits:
+        if r.get("status") != "ok":
+            continue
+        if out and r.get("batch", r["index"]) == out[-1][0].get("batch", out[-1][0]["index"]):
+            out[-1].append(r)
+        else:
+            out.append([r])
+    return out
 
 
-def find_phases(edits: Sequence[dict[str, Any]], forgetting: Sequence[dict[str, Any]] = (), *,
-                jump_factor: float = 10.0, warmup: int = 10, window: int = 10, es_floor: float = 0.5,
-                control_floor: float = 0.5) -> Phases:
-    rows = [r for r in edits if r.get("status") == "ok"]
-    n = (rows[-1]["index"] + 1) if rows else 0
-    sizes: list[float] = []
-    prev_fro: float | None = None
-    candidates = []
-    for r in rows:
-        size = _update_size(r)
-        fro = max(d["fro"] for d in r["drift"].values())
-        if size is None:
-            size = abs(fro - prev_fro) if prev_fro is not None else fro
-        prev_fro = fro
-        if len(sizes) >= warmup and size >= jump_factor * statistics.median(sizes):
-            candidates.append(r["index"])
-        sizes.append(size)
+def max_distance(row: dict[str, Any], key: str = "dist") -> float:
+    return max(d[key] for d in row["drift"].values())
+
+
+def update_sizes(units: Sequence[Sequence[dict[str, Any]]]) -> list[float]:
+    sizes, prev = [], None
+    for unit in units:
+        d = unit[0].get("diagnostics") or {}
+        fro = max_distance(unit[0], "fro")
+        size = d.get("update_norm")
+        if size is None:  # no diagnostic: the distance curve's own step
+            size = abs(fro - prev) if prev is not None else fro
+        prev = fro
+        sizes.append(float(size))
+    return sizes
+
+
+def find_phases(edits: Sequence[dict[str, Any]], forgetting: Sequence[dict[str, Any]] = (),
+                rule: PhaseRule | None = None) -> Phases:
+    rule = rule or PhaseRule()
+    units = updates(edits)
+    n = (units[-1][-1]["index"] + 1) if units else 0
+    sizes = update_sizes(units)
+    cand_units = [u for u in range(rule.warmup, len(units))
+                  if sizes[u] >= rule.jump_factor * statistics.median(sizes[:u])]
+    candidates = [units[u][0]["index"] for u in cand_units]
     control0 = next((f["control_known_pct"] for f in forgetting if f.get("control_known_pct") is not None), None)
-    by_index = {r["index"]: r for r in rows}
-    for c in candidates:
-        after = [by_index[i]["es"] for i in range(c + 1, c + 1 + window) if i in by_index]
-        if after and statistics.mean(after) < es_floor:
+    for u in cand_units:
+        c = units[u][0]["index"]
+        after = [r["es"] for unit in units[u + 1:u + 1 + rule.window] for r in unit]
+        if after and statistics.mean(after) < rule.es_floor:
             return Phases(c, candidates, (0, c), (c, n), f"mean ES of the next {len(after)} edits "
-                                                           f"{statistics.mean(after):.2f} < {es_floor}")
-        nxt = next((f for f in forgetting if f["edits_done"] > c and f.get("control_known_pct") is not None), None)
-        if control0 and nxt and nxt["control_known_pct"] < control_floor * control0:
+                                                           f"{statistics.mean(after):.2f} < {rule.es_floor}")
+        end = units[u][-1]["index"] + 1
+        nxt = next((f for f in forgetting if f["edits_done"] >= end and f.get("control_known_pct") is not None), None)
+        if control0 and nxt and nxt["control_known_pct"] < rule.control_floor * control0:
             return Phases(c, candidates, (0, c), (c, n), f"control recall {nxt['control_known_pct']:.0f}% < "
-                                                           f"{control_floor:.0%} of {control0:.0f}%")
-    return Phases(None, candidates, (0, n), None, "no drift jump followed by a collapse")
+                                                           f"{rule.control_floor:.0%} of {control0:.0f}%")
+    return Phases(None, candidates, (0, n), None, "no jump in the update size followed by a collapse")
+
+
+def _around(rows: Sequence[dict[str, Any]], start: int, end: int) -> tuple[dict[str, Any] | None,
+                                                                          dict[str, Any] | None]:
+    """The last checkpoint row before the update [start, end) and the first one after it."""
+    before = next((r for r in reversed(rows) if r["edits_done"] <= start), None)
+    after = next((r for r in rows if r["edits_done"] >= end), None)
+    return before, after
+
+
+def _f1(row: dict[str, Any] | None) -> dict[str, float] | None:
+    return None if row is None else {k: v["f1"] for k, v in row["tasks"].items()}
+
+
+def analyze(run: RunData, rule: PhaseRule | None = None) -> dict[str, Any]:
+    """The phases of a run and every disabling candidate with what surrounds it: its update size
+    against the median before it, the distance before and after, ES of the following edits,
+    control-fact recall, downstream F1 and the health probe's loss at the checkpoints around it."""
+    rule = rule or PhaseRule()
+    phases = find_phases(run.edits, run.forgetting, rule)
+    units = updates(run.edits)
+    sizes = update_sizes(units)
+    first_of = {unit[0]["index"]: u for u, unit in enumerate(units)}
+    cands = []
+    for c in phases.candidates:
+        u = first_of[c]
+        unit = units[u]
+        start, end = unit[0]["index"], unit[-1]["index"] + 1
+        following = [r["es"] for nxt in units[u + 1:u + 1 + rule.window] for r in nxt]
+        f_before, f_after = _around(run.forgetting, start, end)
+        d_before, d_after = _around(run.downstream, start, end)
+        h_before, h_after = _around(run.health, start, end)
+        median = statistics.median(sizes[:u])
+        cands.append({
+            "index": start, "batch": unit[0].get("batch"), "edits": [start, end],
+            "case_ids": [r["case_id"] for r in unit], "subjects": [r["subject"] for r in unit],
+            "target_new": [r["target_new"] for r in unit],
+            "update_size": sizes[u], "median_before": median, "size_ratio": sizes[u] / median if median else None,
+            "distance_before": max_distance(units[u - 1][-1]) if u else 0.0,
+            "distance_after": max_distance(unit[-1]),
+            "es": statistics.mean(r["es"] for r in unit),
+            "es_following": statistics.mean(following) if following else None, "n_following": len(following),
+            "control_before": f_before and f_before.get("control_known_pct"),
+            "control_after": f_after and f_after.get("control_known_pct"),
+            "checkpoints": {"forgetting": [f_before and f_before["edits_done"], f_after and f_after["edits_done"]],
+                            "downstream": [d_before and d_before["edits_done"], d_after and d_after["edits_done"]]},
+            "f1_before": _f1(d_before), "f1_after": _f1(d_after),
+            "text_nll_before": h_before and h_before.get("text_nll"),
+            "text_nll_after": h_after and h_after.get("text_nll"),
+            "collapse": start == phases.collapse_index,
+        })
+    return {
+        "run": str(run.path), "method": run.config.method, "model": run.config.model,
+        "sample": run.config.sample, "batch_size": run.batch_size, "unit": "batch" if run.batch_size > 1 else "edit",
+        "edits_done": run.edits_done, "finished": run.finished, "rule": rule.model_dump(),
+        **{k: v for k, v in asdict(phases).items() if k != "candidates"},
+        "candidates": cands,
+    }

@@ -33,6 +33,8 @@ class RunConfig(BaseModel):
     forgetting: Literal["paper", "probability"] = Field(
         "paper", description="Headline forgetting criterion: paper (greedy, sticky) or probability.")
     control: int = Field(200, ge=0, description="Never-edited facts the model knew, scored with forgetting.")
+    health: bool = Field(True, description="Loss on a fixed text and greedy continuations of fixed prompts "
+                                           "at every forgetting checkpoint (health.jsonl).")
     on_nonfinite: Literal["stop", "skip"] = Field("stop", description="stop or skip when an update is NaN/inf.")
     downstream: list[str] | None = Field(None, description="Downstream tasks, comma-separated; 'none' = off "
                                                            "(default: the model's four).")

@@ -3,7 +3,7 @@
 Per edit: ES/PS/NS of that edit (with windowed means over the last 5 and 50), the drift of every
 edited layer, the editor's diagnostics and timings. Every `eval_every` edits: forgetting of all
 earlier successful edits and the control set's recall. Every `downstream_every` edits: few-shot
-skills. Every `checkpoint_every` edits: a checkpoint (`run/checkpoint.py`), so `resume` continues
+skills. With the forgetting checkpoints: the model's health (`eval/health.py`). Every `checkpoint_every` edits: a checkpoint (`run/checkpoint.py`), so `resume` continues
 where a killed run stopped and ends with the same rows and weights as an uninterrupted run.
 """
 
@@ -20,16 +20,18 @@ import torch
 
 from editscale.data.records import EditRecord
 from editscale.data.registry import load_records
+from editscale.data.probes import health_probe
 from editscale.data.sampling import edit_order
 from editscale.errors import EditscaleError
 from editscale.eval.downstream.suite import DownstreamSuite, default_tasks, summary_row
 from editscale.eval.drift import layer_drift
 from editscale.eval.forgetting import ForgettingTracker, select_control
+from editscale.eval.health import health_check
 from editscale.eval.proficiency import edit_scores, window_means
 from editscale.methods.base import Editor, EditRequest, apply_result, get_method
 from editscale.methods.solver.context import EditContext
 from editscale.models.adapter import ModelAdapter
-from editscale.models.loading import LoadedModel, load_model
+from editscale.models.loading import LoadedModel, load_model, model_key
 from editscale.run.checkpoint import load_checkpoint, save_checkpoint
 from editscale.run.config import RunConfig, dump_config, load_config, resolve_config
 from editscale.run.progress import ProgressBar
@@ -102,6 +104,9 @@ class Runner:
         suite = self._downstream_suite(lm.name)
         if suite is not None and not any(r["edits_done"] == 0 for r in self.store.iter_rows("downstream")):
             self.store.append("downstream", self._downstream_row(suite, lm, 0))  # the unedited model
+        probe = health_probe(model_key(cfg.model)) if cfg.health else None
+        if probe is not None and not any(r["edits_done"] == 0 for r in self.store.iter_rows("health")):
+            self.store.append("health", {"edits_done": 0, **health_check(adapter, probe)})
 
         state = RunState()
         ckpt = load_checkpoint(self.store)
@@ -117,6 +122,7 @@ class Runner:
         self.store.truncate("edits", "index", state.edits_done)
         self.store.truncate("forgetting", "edits_done", state.edits_done + 1)
         self.store.truncate("downstream", "edits_done", state.edits_done + 1)
+        self.store.truncate("health", "edits_done", state.edits_done + 1)
 
         t_start = time.perf_counter()
         done_before = state.edits_done
@@ -140,6 +146,8 @@ class Runner:
 
                 if due(cfg.eval_every):
                     self.store.append("forgetting", tracker.check(adapter, state.edits_done))
+                    if probe is not None:
+                        self.store.append("health", {"edits_done": state.edits_done, **health_check(adapter, probe)})
                 if suite is not None and due(cfg.downstream_every):
                     drow = self._downstream_row(suite, lm, state.edits_done)
                     self.store.append("downstream", drow)

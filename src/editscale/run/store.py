@@ -4,6 +4,8 @@
     DIR/templates.json     the context templates the editor used (generated once, from the base model)
     DIR/edits.jsonl        one row per edit
     DIR/forgetting.jsonl   one row per forgetting checkpoint
+    DIR/downstream.jsonl   one row per downstream evaluation (edits_done 0: the unedited model)
+    DIR/health.jsonl       loss on a fixed text and greedy continuations, at forgetting checkpoints
     DIR/checkpoint/        edited layers' weights (safetensors) + runner state, every C edits
     DIR/summary.json       written at the end
 
