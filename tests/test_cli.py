@@ -175,11 +175,13 @@ def test_run_resume_skills_and_compare(run_cli, world, tmp_path: Path, monkeypat
     assert code == 0, err
     (row,) = json.loads(stdout)
     assert row["method"] == "stub" and row["edits"] == 4 and set(row["f1"]) == {"tiny_sentiment"}
+    assert (row["model"], row["model_path"], row["sample"]) == ("tiny-gpt2", world["model"], 0)
     code, stdout, err = run_cli("compare", str(out), "--markdown")
     assert code == 0, err
     header, rule, line = stdout.strip().splitlines()
     assert header.startswith("| run | method |") and "F1 tiny_sentiment" in header and rule.startswith("|---|")
-    assert line.split(" | ")[1:4] == ["stub", "1", "4"]
+    assert line.split(" | ")[1:6] == ["stub", "1", "tiny-gpt2", "0", "4"]
+    assert "| model | sample | edits |" in header
 
 
 @pytest.mark.slow

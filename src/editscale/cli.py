@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
+from editscale.analysis.phases import PhaseRule
 from editscale.errors import EditscaleError
-from editscale.run.config import RunConfig
+from editscale.run.config import RetestRule, RunConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Edit facts inside causal language models at scale and measure what that does.")
@@ -37,7 +39,7 @@ def _emit_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2))
 
 
-# ---------------------------------------------------------------------- RunConfig -> options
+# ---------------------------------------------------------------------- config models -> options
 
 # method_config is reached through --method-config FILE and --set KEY=VALUE
 RUN_OPTION_FIELDS = [name for name in RunConfig.model_fields if name != "method_config"]
@@ -51,36 +53,45 @@ def _option_value(name: str, value: Any) -> Any:
     return value
 
 
-def run_config_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Give a command one option per RunConfig field (help and default from the field); the
-    command receives the options given on the command line as `options` (a dict)."""
-    own = pyinspect.signature(command, eval_str=True)
-    generated = []
-    for name in RUN_OPTION_FIELDS:
-        field = RunConfig.model_fields[name]
-        kind = field.annotation if field.annotation in (int, bool) else str
-        default = field.get_default(call_default_factory=True)
-        flag = f"--{name.replace('_', '-')}"
-        if kind is bool:
-            flag = f"{flag}/--no-{name.replace('_', '-')}"
-        # the option's own default is None ("not given"), so RunConfig's default is shown instead
-        opt = typer.Option(flag, *_SHORT.get(name, []), help=field.description,
-                           show_default=False if default is None else str(default))
-        generated.append(pyinspect.Parameter(name, pyinspect.Parameter.KEYWORD_ONLY, default=None,
-                                             annotation=Annotated[kind | None, opt]))
-    params = [p for p in own.parameters.values() if p.name != "options"]
-    params = [p.replace(kind=pyinspect.Parameter.KEYWORD_ONLY) for p in params] + generated
+def model_options(model: type[BaseModel], fields: list[str] | None = None, *, param: str = "options",
+                  short: dict[str, list[str]] | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a command one option per field of a pydantic model (help and default from the field);
+    the command receives the options given on the command line as a dict in `param`."""
+    names = list(model.model_fields) if fields is None else fields
 
-    @functools.wraps(command)
-    def wrapper(**kwargs: Any) -> Any:
-        given = {n: kwargs.pop(n) for n in RUN_OPTION_FIELDS}
-        options = {n: _option_value(n, v) for n, v in given.items() if v is not None}
-        return command(options=options, **kwargs)
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        own = pyinspect.signature(command, eval_str=True)
+        generated = []
+        for name in names:
+            field = model.model_fields[name]
+            kind = field.annotation if field.annotation in (int, float, bool) else str
+            default = field.get_default(call_default_factory=True)
+            flag = f"--{name.replace('_', '-')}"
+            if kind is bool:
+                flag = f"{flag}/--no-{name.replace('_', '-')}"
+            # the option's own default is None ("not given"), so the field's default is shown instead
+            opt = typer.Option(flag, *(short or {}).get(name, []), help=field.description,
+                               show_default=False if default is None else str(default))
+            generated.append(pyinspect.Parameter(name, pyinspect.Parameter.KEYWORD_ONLY, default=None,
+                                                 annotation=Annotated[kind | None, opt]))
+        params = [p for p in own.parameters.values() if p.name != param]
+        params = [p.replace(kind=pyinspect.Parameter.KEYWORD_ONLY) for p in params] + generated
 
-    wrapper.__signature__ = own.replace(parameters=params)  # type: ignore[attr-defined]
-    wrapper.__annotations__ = {p.name: p.annotation for p in params}
-    del wrapper.__wrapped__  # typer must read the generated signature, not the command's own
-    return wrapper
+        @functools.wraps(command)
+        def wrapper(**kwargs: Any) -> Any:
+            given = {n: kwargs.pop(n) for n in names}
+            options = {n: _option_value(n, v) for n, v in given.items() if v is not None}
+            return command(**{param: options}, **kwargs)
+
+        wrapper.__signature__ = own.replace(parameters=params)  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {p.name: p.annotation for p in params}
+        del wrapper.__wrapped__  # typer must read the generated signature, not the command's own
+        return wrapper
+
+    return decorate
+
+
+run_config_options = model_options(RunConfig, RUN_OPTION_FIELDS, short=_SHORT)
 
 
 def _parse_sets(items: list[str] | None) -> dict[str, Any]:
@@ -212,6 +223,11 @@ def demo(
     summary = runner.run()
     _print_examples(out)
     _print_run(out, summary)
+    from editscale.report.html import build_report
+
+    files = build_report([out], out / "report")
+    console.print(f"report: [bold]{files.html}[/bold] (open it in a browser; `editscale analyze {out}` lists the "
+                  "phases and disabling candidates)")
 
 
 def _print_examples(out: Path, n: int = 4) -> None:
@@ -284,7 +300,8 @@ def _print_run(out: Path, summary: dict[str, Any]) -> None:
 def compare(runs: Annotated[list[Path], typer.Argument(help="Run directories.")],
             as_json: JsonOpt = False,
             markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table.")] = False) -> None:
-    """One table over runs: ES/PS/NS, forgetting, final F1 per task, max drift, where a collapse is detected."""
+    """One table over runs: model, sample, ES/PS/NS, forgetting, final F1 per task, max drift, where a collapse
+    is detected (a narrow terminal gets a compact form: one F1 column, short headers explained below it)."""
     from editscale.report.tables import comparison_markdown, comparison_rows, comparison_table
 
     for d in runs:
@@ -297,6 +314,152 @@ def compare(runs: Annotated[list[Path], typer.Argument(help="Run directories.")]
         print(comparison_markdown(list(runs)))
         return
     console.print(comparison_table(list(runs)))
+
+
+@app.command()
+def export(runs: Annotated[list[Path], typer.Argument(help="Run directories (finished or still running).")],
+           fmt: Annotated[str, typer.Option("--format", help="parquet or csv.")] = "parquet",
+           out: Annotated[Path, typer.Option(help="Folder for the tables (created; its tables are replaced).")]
+           = Path("editscale-export")) -> None:
+    """Write the runs' rows as flat tables, one per row kind (edits, forgetting, downstream, health, retest)
+    and one of the runs (config and summary), for pandas, R, DuckDB or a spreadsheet."""
+    from editscale.report.export import FORMATS, write_export
+
+    if fmt not in FORMATS:
+        raise EditscaleError(f"--format must be {' or '.join(FORMATS)}, got '{fmt}'")
+    written = write_export(list(runs), out, fmt)
+    console.print(f"{len(runs)} run(s) exported to {out}:", soft_wrap=True)
+    for w in written.values():
+        console.print(f"  {w.path}  {w.rows} rows, {w.columns} columns", soft_wrap=True, highlight=False)
+
+
+def _existing_runs(dirs: list[Path]) -> None:
+    for d in dirs:
+        if not (d / "config.yaml").exists():
+            raise EditscaleError(f"{d} holds no run (no config.yaml)")
+
+
+@app.command()
+@model_options(PhaseRule, param="rule_options")
+def analyze(run_dir: Annotated[Path, typer.Argument(help="The run directory (finished, killed or running).")],
+            rule_options: dict[str, Any], as_json: JsonOpt = False) -> None:
+    """The gradual and the catastrophic phase, the collapse point and every disabling-edit candidate
+    of a run, with what surrounds each; written to DIR/analysis.json."""
+    from editscale.analysis.phases import analyze as analyze_run
+    from editscale.analysis.rundata import load_run
+    from editscale.report.html import candidate_rows
+    from editscale.run.store import RunStore
+
+    _existing_runs([run_dir])
+    result = analyze_run(load_run(run_dir), PhaseRule(**rule_options))
+    RunStore(run_dir).write_json("analysis.json", result)
+    if as_json:
+        _emit_json(result)
+        return
+    unit = "batches" if result["unit"] == "batch" else "edits"
+    state = "" if result["finished"] else " (run not finished)"
+    if result["collapse_index"] is None:
+        console.print(f"{run_dir}: {result['edits_done']} edits{state}; gradual phase only "
+                      f"({result['reason']})")
+    else:
+        console.print(f"{run_dir}: {result['edits_done']} edits{state}; gradual phase edits "
+                      f"0-{result['gradual'][1] - 1}, [bold red]catastrophic from edit {result['collapse_index']}"
+                      f"[/bold red] ({result['reason']})")
+    rows = candidate_rows(result)
+    if rows:
+        t = Table(title=f"Disabling candidates ({len(rows)} {unit} at least {result['rule']['jump_factor']:g}x the "
+                        "median update before them)")
+        for col in rows[0]:
+            t.add_column(col, justify="right")
+        for row in rows:
+            t.add_row(*row.values())
+        console.print(t)
+    console.print(f"written to {run_dir / 'analysis.json'}")
+
+
+@app.command()
+@model_options(RetestRule, param="rule_options")
+def retest(run_dir: Annotated[Path, typer.Argument(help="The run directory.")],
+           rule_options: dict[str, Any],
+           edits: Annotated[str | None, typer.Option(help="Edit indices to re-test, comma-separated (default: "
+                                                          "the run's disabling candidates).")] = None,
+           largest: Annotated[int, typer.Option(help="Also re-test the run's N largest updates.")] = 0,
+           baseline: Annotated[int | None, typer.Option(help="Normal updates drawn from the run as the baseline "
+                                                             "(default: as many as re-tested).")] = None,
+           seed: Annotated[int, typer.Option(help="Seed of the baseline draw.")] = 0,
+           method: Annotated[str | None, typer.Option(help="Re-test with another method (its preset for "
+                                                           "the model); default: the run's.")] = None,
+           set_: Annotated[list[str] | None, typer.Option("--set", help="Override a method hyper-parameter, "
+                                                                       "KEY=VALUE.")] = None,
+           downstream: Annotated[bool, typer.Option(help="Measure downstream F1 after each edit.")] = True,
+           device: Annotated[str | None, typer.Option(help="torch device (default: the run's).")] = None,
+           progress: ProgressOpt = True, as_json: JsonOpt = False) -> None:
+    """Re-apply disabling candidates (or chosen edits) as the FIRST edit of the unedited model, beside
+    as many normal edits, and say whether each disables the model by itself (the paper's Table 2)."""
+    from editscale.analysis.phases import analyze as analyze_run
+    from editscale.analysis.phases import update_sizes, updates
+    from editscale.analysis.rundata import load_run
+    from editscale.run.retest import retest as retest_run
+    from editscale.run.store import RunStore
+
+    _existing_runs([run_dir])
+    if edits is not None:
+        try:
+            chosen = [int(x) for x in edits.split(",") if x.strip()]
+        except ValueError as err:
+            raise EditscaleError(f"--edits expects edit indices such as 12,40; got '{edits}'") from err
+    else:
+        run = load_run(run_dir)
+        saved = RunStore(run_dir).read_json("analysis.json") or {}
+        # the thresholds `editscale analyze` was last given for this run, if any
+        chosen = [c["index"] for c in analyze_run(run, PhaseRule(**saved.get("rule", {})))["candidates"]]
+    if largest:
+        units = updates(load_run(run_dir).edits)
+        sizes = update_sizes(units)
+        top = sorted(range(len(units)), key=lambda u: -sizes[u])[:largest]
+        chosen += [units[u][0]["index"] for u in sorted(top)]
+    if not chosen:
+        raise EditscaleError(f"the phase rule finds no disabling candidate in {run_dir}; name edits with "
+                             "--edits i,j,... or take the largest updates with --largest N")
+    rows = retest_run(str(run_dir), chosen, baseline=baseline, seed=seed, method=method,
+                      method_config=_parse_sets(set_), downstream=downstream, rule=RetestRule(**rule_options),
+                      device=device, progress=progress, log=console.print)
+    if as_json:
+        _emit_json(rows)
+        return
+    from editscale.analysis.rundata import load_run as reload
+    from editscale.report.html import retest_rows
+
+    method_name = next((r["method"] for r in rows if r["method"]), method)
+    shown = [r for r in retest_rows(reload(run_dir)) if r["method"] == method_name]
+    t = Table(title=f"Re-tested as the first edit of the unedited model ({method_name})")
+    for col in ("kind", "edit", "subject", "distance (first edit)", "distance in the run", "ES", "control",
+                "text loss", "verdict"):
+        t.add_column(col, justify="right")
+    for r in shown:
+        t.add_row(*(r[c] for c in ("kind", "edit", "subject", "distance (first edit)", "distance in the run", "ES",
+                                   "control", "text loss", "verdict")))
+    console.print(t)
+    console.print(f"rows in {run_dir / 'retest.jsonl'}")
+
+
+@app.command()
+@model_options(PhaseRule, param="rule_options")
+def report(runs: Annotated[list[Path], typer.Argument(help="Run directories (finished or not).")],
+           rule_options: dict[str, Any],
+           out: Annotated[Path | None, typer.Option(help="Output folder (default: DIR/report for one run, "
+                                                         "./editscale-report for several).")] = None,
+           title: Annotated[str | None, typer.Option(help="Title of the report.")] = None) -> None:
+    """One self-contained HTML report (figures embedded), a Markdown summary and the figures as
+    PNG and SVG files, regenerated from the runs' files."""
+    from editscale.report.html import build_report
+
+    _existing_runs(runs)
+    target = out or (runs[0] / "report" if len(runs) == 1 else Path("editscale-report"))
+    files = build_report(runs, target, rule=PhaseRule(**rule_options), title=title)
+    size = files.html.stat().st_size / 1e6
+    console.print(f"report: {files.html} ({size:.1f} MB, self-contained); summary: {files.markdown}; "
+                  f"figures: {target / 'figures'}/ ({len(files.figures)} files)")
 
 
 @app.command()

@@ -21,11 +21,12 @@ from __future__ import annotations
 import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from editscale.analysis.rundata import RunData
+if TYPE_CHECKING:  # the CLI builds its options from PhaseRule without loading the results store
+    from editscale.analysis.rundata import RunData
 
 
 class PhaseRule(BaseModel):

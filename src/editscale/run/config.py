@@ -60,6 +60,19 @@ class RunConfig(BaseModel):
         return self.model_dump(exclude={"device", "stats_cache"})
 
 
+class RetestRule(BaseModel):
+    """When `editscale retest` calls a single update disabling (run/retest.py): any one of these."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    control_floor: float = Field(0.5, ge=0, le=1, description="Disabling when control-fact recall falls "
+                                                              "below this share of the unedited model's.")
+    nll_rise: float = Field(1.0, gt=0, description="Disabling when the loss on the fixed text rises by this "
+                                                   "many nats per token or more.")
+    f1_floor: float = Field(0.5, ge=0, le=1, description="Disabling when the mean downstream F1 falls below "
+                                                         "this share of the unedited model's.")
+
+
 def resolve_config(cfg: RunConfig) -> RunConfig:
     """`cfg` with its method hyper-parameters resolved: the method's preset for the model, then
     `cfg.method_config` over it, validated. Resolving a resolved config changes nothing."""

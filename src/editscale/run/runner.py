@@ -3,8 +3,9 @@
 Per edit: ES/PS/NS of that edit (with windowed means over the last 5 and 50), the drift of every
 edited layer, the editor's diagnostics and timings. Every `eval_every` edits: forgetting of all
 earlier successful edits and the control set's recall. Every `downstream_every` edits: few-shot
-skills. With the forgetting checkpoints: the model's health (`eval/health.py`). Every `checkpoint_every` edits: a checkpoint (`run/checkpoint.py`), so `resume` continues
-where a killed run stopped and ends with the same rows and weights as an uninterrupted run.
+skills. With the forgetting checkpoints: the model's health (`eval/health.py`). Every
+`checkpoint_every` edits: a checkpoint (`run/checkpoint.py`), so `resume` continues where a killed
+run stopped and ends with the same rows and weights as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from typing import Any
 
 import torch
 
+from editscale.data.probes import health_probe
 from editscale.data.records import EditRecord
 from editscale.data.registry import load_records
-from editscale.data.probes import health_probe
 from editscale.data.sampling import edit_order
 from editscale.errors import EditscaleError
 from editscale.eval.downstream.suite import DownstreamSuite, default_tasks, summary_row
@@ -90,7 +91,7 @@ class Runner:
         self.store.write_text("config.yaml", dump_config(cfg))
 
         adapter = lm.adapter
-        editor = self._editor(adapter, lm.name)
+        editor = build_editor(cfg, self.store, adapter, lm.name, progress=self.progress)
         layers = list(editor.config.layers)
         original = {layer: w.cpu() for layer, w in adapter.snapshot(layers, biases=False).weights.items()}
         tracker = ForgettingTracker()
@@ -101,9 +102,9 @@ class Runner:
             self.store.write_json("control.json", [r.case_id for r in tracker.control])
         else:
             tracker.control = [by_id[c] for c in control_ids]
-        suite = self._downstream_suite(lm.name)
+        suite = downstream_suite(cfg, lm.name) if cfg.downstream_every else None
         if suite is not None and not any(r["edits_done"] == 0 for r in self.store.iter_rows("downstream")):
-            self.store.append("downstream", self._downstream_row(suite, lm, 0))  # the unedited model
+            self.store.append("downstream", downstream_row(suite, lm, 0))  # the unedited model
         probe = health_probe(model_key(cfg.model)) if cfg.health else None
         if probe is not None and not any(r["edits_done"] == 0 for r in self.store.iter_rows("health")):
             self.store.append("health", {"edits_done": 0, **health_check(adapter, probe)})
@@ -149,7 +150,7 @@ class Runner:
                     if probe is not None:
                         self.store.append("health", {"edits_done": state.edits_done, **health_check(adapter, probe)})
                 if suite is not None and due(cfg.downstream_every):
-                    drow = self._downstream_row(suite, lm, state.edits_done)
+                    drow = downstream_row(suite, lm, state.edits_done)
                     self.store.append("downstream", drow)
                     row = {**row, "downstream": drow}
                 if due(cfg.checkpoint_every):
@@ -163,34 +164,6 @@ class Runner:
                    "edits_this_process": state.edits_done - done_before}
         self.store.write_json("summary.json", summary)
         return summary
-
-    def _editor(self, adapter: ModelAdapter, model_name: str) -> Editor:
-        """The method's editor with this run's explicit inputs: the templates already in DIR (a
-        resumed run reuses them), the seed and the statistics cache."""
-        cfg = self.cfg
-        editor_cls = get_method(cfg.method)
-        templates = self.store.read_json("templates.json") or {}
-        ctx = EditContext(model_name, seed=cfg.seed, templates=dict(templates),
-                          stats_cache_dir=Path(cfg.stats_cache) if cfg.stats_cache else None, progress=self.progress)
-        editor = editor_cls(adapter, editor_cls.config_class.parse(cfg.method_config), ctx)
-        editor.ensure_prepared()  # before a checkpoint is loaded: statistics come from the base model
-        if ctx.templates and ctx.templates != templates:
-            self.store.write_json("templates.json", ctx.templates)
-        return editor
-
-    def _downstream_suite(self, model_name: str) -> DownstreamSuite | None:
-        cfg = self.cfg
-        names = default_tasks(model_name) if cfg.downstream is None else cfg.downstream
-        if not cfg.downstream_every or not names:
-            return None
-        return DownstreamSuite(names, mode=cfg.downstream_mode, n=cfg.downstream_n, data_dir=cfg.glue_dir)
-
-    @staticmethod
-    def _downstream_row(suite: DownstreamSuite, lm: LoadedModel, edits_done: int) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        results = suite.evaluate(lm.model, lm.tokenizer)
-        return {"edits_done": edits_done, "mode": suite.mode, "tasks": summary_row(results),
-                "seconds": round(time.perf_counter() - t0, 4)}
 
     def _edit_batch(self, editor: Editor, adapter: ModelAdapter, records: list[EditRecord], first_index: int,
                     original: dict[int, torch.Tensor], state: RunState, tracker: ForgettingTracker
@@ -241,6 +214,36 @@ class Runner:
             # drift, diagnostics and timings belong to the batch: every row of it carries them
             row.update(drift=drift, diagnostics=_clean(result.diagnostics), timings=timings)
         return rows
+
+
+def build_editor(cfg: RunConfig, store: RunStore, adapter: ModelAdapter, model_name: str, *,
+                 progress: bool = True) -> Editor:
+    """The run's editor with its explicit inputs: the templates already in the run directory (a
+    resumed run and `retest` reuse them), the seed and the statistics cache."""
+    editor_cls = get_method(cfg.method)
+    templates = store.read_json("templates.json") or {}
+    ctx = EditContext(model_name, seed=cfg.seed, templates=dict(templates),
+                      stats_cache_dir=Path(cfg.stats_cache) if cfg.stats_cache else None, progress=progress)
+    editor = editor_cls(adapter, editor_cls.config_class.parse(cfg.method_config), ctx)
+    editor.ensure_prepared()  # before a checkpoint is loaded: statistics come from the base model
+    if ctx.templates and ctx.templates != templates:
+        store.write_json("templates.json", ctx.templates)
+    return editor
+
+
+def downstream_suite(cfg: RunConfig, model_name: str) -> DownstreamSuite | None:
+    """The run's downstream tasks, or None when it has none."""
+    names = default_tasks(model_name) if cfg.downstream is None else cfg.downstream
+    if not names:
+        return None
+    return DownstreamSuite(names, mode=cfg.downstream_mode, n=cfg.downstream_n, data_dir=cfg.glue_dir)
+
+
+def downstream_row(suite: DownstreamSuite, lm: LoadedModel, edits_done: int) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    results = suite.evaluate(lm.model, lm.tokenizer)
+    return {"edits_done": edits_done, "mode": suite.mode, "tasks": summary_row(results),
+            "seconds": round(time.perf_counter() - t0, 4)}
 
 
 def _clean(d: dict[str, float]) -> dict[str, float | None]:
