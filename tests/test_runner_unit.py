@@ -73,6 +73,9 @@ def test_a_run_writes_its_files(world, tmp_path: Path) -> None:
     assert store.rows("forgetting")[-1]["control_n"] == 5
     assert [r["edits_done"] for r in store.rows("downstream")] == [0, 4, 8]
     assert store.rows("downstream")[0]["tasks"]["tiny_sentiment"]["total"] == 4
+    health = store.rows("health")
+    assert [r["edits_done"] for r in health] == [0, 2, 4, 6, 8]  # the unedited model, then every check
+    assert len(health[0]["generations"]) == 4 and health[0]["text_nll"] > 0
     doc = yaml.safe_load((out / "config.yaml").read_text())
     assert doc["run"]["method_config"] == {"layers": [0, 1], "scale": 0.02, "nan_case_ids": [], "bias": False,
                                            "sleep": 0.0}
@@ -151,7 +154,7 @@ def test_kill_and_resume_gives_identical_results(world, tmp_path: Path) -> None:
     assert not (killed / "summary.json").exists()
     Runner.resume(killed, progress=False, log=lambda s: None).run()
     a, b = RunStore(ref), RunStore(killed)
-    for name in ("edits", "forgetting", "downstream"):
+    for name in ("edits", "forgetting", "downstream", "health"):
         assert without_timings(a.rows(name)) == without_timings(b.rows(name)), name
     wa, wb = load_checkpoint(a), load_checkpoint(b)
     for layer, w in wa.params.weights.items():

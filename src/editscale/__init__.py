@@ -19,5 +19,6 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'editscale' has no attribute {name!r}")
 
 
-__all__ = ["__version__", "EditRecord", "RunConfig", "Runner", "evaluate_skills", "get_method", "knowledge_scores",
-           "layer_scan", "list_methods", "load_model", "load_records", "load_run_model", "resolve_method_config"]
+__all__ = ["__version__", "EditRecord", "PhaseRule", "RetestRule", "RunConfig", "Runner", "analyze", "build_report",
+           "evaluate_skills", "export_runs", "get_method", "knowledge_scores", "layer_scan", "list_methods", "load_model",
+           "load_records", "load_run", "load_run_model", "resolve_method_config", "retest"]

@@ -7,6 +7,7 @@ A collapse shows here as a loss that jumps and continuations that turn to repeti
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from editscale.data.probes import Probe
@@ -16,7 +17,8 @@ from editscale.models.adapter import ModelAdapter
 
 def health_check(adapter: ModelAdapter, probe: Probe, *, n_new: int = 12) -> dict[str, Any]:
     """`text_nll`: mean per-token loss over the probe's texts; `generations`: prompt and greedy
-    continuation of `n_new` tokens for each probe prompt (one batched pass each)."""
+    continuation of `n_new` tokens for each probe prompt (one batched pass each); `seconds`."""
+    t0 = time.perf_counter()
     tok = adapter.tokenizer
     rows = []
     max_len = getattr(adapter.model.config, "n_positions", None) or getattr(
@@ -30,4 +32,4 @@ def health_check(adapter: ModelAdapter, probe: Probe, *, n_new: int = 12) -> dic
     prompts = [tok(p, add_special_tokens=True)["input_ids"] for p in probe.prompts]
     outs = greedy_generate(adapter.model, prompts, n_new, pad_id=adapter.pad_token_id)
     gens = [{"prompt": p, "text": tok.decode(o, skip_special_tokens=True)} for p, o in zip(probe.prompts, outs)]
-    return {"text_nll": round(nll, 5), "generations": gens}
+    return {"text_nll": round(nll, 5), "generations": gens, "seconds": round(time.perf_counter() - t0, 4)}
