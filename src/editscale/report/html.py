@@ -25,7 +25,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from editscale.analysis.phases import PhaseRule, analyze
 from editscale.analysis.properties import distance_table, generation_examples, method_properties
 from editscale.analysis.rundata import RunData, load_run
-from editscale.report.figures import all_figures, figure_png, save_figure
+from editscale.report.figures import all_figures, save_figure
 
 FIGURE_CAPTIONS = {
     "proficiency": "Editing proficiency: ES, PS and NS of each edit right after it, in the paper's 5-edit blocks "
@@ -181,9 +181,10 @@ def build_report(dirs: Sequence[Path | str], out: Path | str, *, rule: PhaseRule
     analyses = [analyze(r, rule) for r in runs]
     figures, files = [], []
     for name, fig in all_figures(runs, analyses).items():
-        files += save_figure(fig, out / "figures", name)
+        png, svg = save_figure(fig, out / "figures", name)
+        files += [png, svg]
         figures.append({"name": name, "caption": FIGURE_CAPTIONS.get(name, ""),
-                        "png": base64.b64encode(figure_png(fig)).decode("ascii")})
+                        "png": base64.b64encode(png.read_bytes()).decode("ascii")})
     title = title or ("editscale report: " + ", ".join(r.path.name for r in runs))
     per_run = [{"run": r, "analysis": a, "candidates": candidate_rows(a), "retest": retest_rows(r),
                 "generations": generation_examples(r, a)} for r, a in zip(runs, analyses)]

@@ -22,12 +22,12 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Any
 
 from editscale.errors import EditscaleError
+
+if TYPE_CHECKING:
+    import torch
 
 CHECKPOINT = "checkpoint"
 
@@ -44,7 +44,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _json_default(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
+    if hasattr(obj, "tolist"):  # a tensor or an array
         return obj.tolist()
     if isinstance(obj, set):
         return sorted(obj)
@@ -117,6 +117,9 @@ class RunStore:
 
     def save_checkpoint(self, weights: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
         """Replace the checkpoint atomically: write a new folder, then swap it in."""
+        # imported here: reading a run's rows (analysis, report, export) needs no torch
+        from safetensors.torch import save_file
+
         final = self.root / CHECKPOINT
         tmp = self.root / f"{CHECKPOINT}.tmp"
         old = self.root / f"{CHECKPOINT}.old"
@@ -136,6 +139,8 @@ class RunStore:
         shutil.rmtree(old, ignore_errors=True)
 
     def load_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        from safetensors.torch import load_file
+
         final = self.root / CHECKPOINT
         if not final.exists():
             # a crash between the two renames leaves the previous checkpoint in .old
