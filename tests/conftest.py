@@ -92,3 +92,26 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def run_cli(monkeypatch, capsys):
+    """Run `editscale ARGS` in this process: (exit status, stdout, stderr)."""
+    from rich.console import Console
+
+    from editscale import cli
+
+    # wide consoles: rich wraps tables to 80 columns when stdout is not a terminal
+    monkeypatch.setattr(cli, "console", Console(width=250))
+    monkeypatch.setattr(cli, "err_console", Console(stderr=True, width=250))
+
+    def invoke(*args: str) -> tuple[int, str, str]:
+        code = 0
+        try:
+            cli.main(list(args))
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return invoke

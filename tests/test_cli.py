@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import typer
 import yaml
-from rich.console import Console
 from typer.testing import CliRunner
 
 import runner_stubs
@@ -23,25 +22,6 @@ from editscale.run.config import RunConfig
 needs_embedded = pytest.mark.skipif(
     not (checkpoint_dir() / "model.safetensors").exists(),
     reason="the embedded checkpoint is not installed (train it: editscale train-embedded --install)")
-
-
-@pytest.fixture
-def run_cli(monkeypatch, capsys):
-    """Run `editscale ARGS` in this process: (exit status, stdout, stderr)."""
-    # wide consoles: rich wraps tables to 80 columns when stdout is not a terminal
-    monkeypatch.setattr(cli, "console", Console(width=250))
-    monkeypatch.setattr(cli, "err_console", Console(stderr=True, width=250))
-
-    def invoke(*args: str) -> tuple[int, str, str]:
-        code = 0
-        try:
-            cli.main(list(args))
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-        out = capsys.readouterr()
-        return code, out.out, out.err
-
-    return invoke
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import pytest
 from rich.console import Console
 
 import runner_stubs
-from editscale import cli
 from editscale.errors import EditscaleError
 from editscale.report.export import RUN_COLUMNS, export_runs
 from editscale.report.tables import comparison_rows, comparison_table
@@ -156,23 +155,6 @@ def test_a_run_in_progress_and_a_non_run(runs, tmp_path: Path) -> None:
     assert not (tmp_path / "out2").exists()  # nothing written when a directory is not a run
     with pytest.raises(EditscaleError, match="xlsx"):
         export_runs([running], tmp_path / "out3", fmt="xlsx")
-
-
-@pytest.fixture
-def run_cli(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "console", Console(width=250))
-    monkeypatch.setattr(cli, "err_console", Console(stderr=True, width=250))
-
-    def invoke(*args: str) -> tuple[int, str, str]:
-        code = 0
-        try:
-            cli.main(list(args))
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-        out = capsys.readouterr()
-        return code, out.out, out.err
-
-    return invoke
 
 
 def test_the_export_command(run_cli, runs, tmp_path: Path) -> None:

@@ -16,7 +16,6 @@ import torch
 from PIL import Image
 
 import runner_stubs
-from editscale.cli import main
 from editscale.models.loading import load_model
 from editscale.report.html import build_report
 from editscale.run.config import RunConfig
@@ -86,18 +85,17 @@ def test_a_huge_first_edit_is_disabling(run_dir: Path) -> None:
     assert normal and not any(r["disabling"] for r in normal)
 
 
-def test_analyze_command_writes_analysis_json(run_dir: Path, capsys) -> None:
-    main(["analyze", str(run_dir), "--json", "--jump-factor", "3"])
-    out = json.loads(capsys.readouterr().out)
+def test_analyze_command_writes_analysis_json(run_dir: Path, run_cli) -> None:
+    code, stdout, _ = run_cli("analyze", str(run_dir), "--json", "--jump-factor", "3")
+    out = json.loads(stdout)
+    assert code == 0
     assert out["rule"]["jump_factor"] == 3.0 and out["edits_done"] == 12 and out["collapse_index"] is None
     assert json.loads((run_dir / "analysis.json").read_text()) == out
 
 
-def test_retest_without_candidates_says_what_to_pass(run_dir: Path, capsys) -> None:
-    with pytest.raises(SystemExit) as e:
-        main(["retest", str(run_dir)])
-    assert e.value.code == 2
-    err = capsys.readouterr().err
+def test_retest_without_candidates_says_what_to_pass(run_dir: Path, run_cli) -> None:
+    code, _, err = run_cli("retest", str(run_dir))
+    assert code == 2
     assert "no disabling candidate" in err and "--edits" in err and "Traceback" not in err
 
 
@@ -112,9 +110,9 @@ class _Refs(HTMLParser):
                 self.refs.append((tag, k, v))
 
 
-def test_the_report_is_self_contained(run_dir: Path, tmp_path: Path, capsys) -> None:
-    main(["report", str(run_dir), "--out", str(tmp_path / "rep")])
-    assert "report.html" in capsys.readouterr().out
+def test_the_report_is_self_contained(run_dir: Path, tmp_path: Path, run_cli) -> None:
+    code, out, _ = run_cli("report", str(run_dir), "--out", str(tmp_path / "rep"))
+    assert code == 0 and "report.html" in out
     page = (tmp_path / "rep" / "report.html").read_text()
     parser = _Refs()
     parser.feed(page)

@@ -20,5 +20,5 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["__version__", "EditRecord", "PhaseRule", "RetestRule", "RunConfig", "Runner", "analyze", "build_report",
-           "evaluate_skills", "export_runs", "get_method", "knowledge_scores", "layer_scan", "list_methods", "load_model",
-           "load_records", "load_run", "load_run_model", "resolve_method_config", "retest"]
+           "evaluate_skills", "export_runs", "get_method", "knowledge_scores", "layer_scan", "list_methods",
+           "load_model", "load_records", "load_run", "load_run_model", "resolve_method_config", "retest"]
