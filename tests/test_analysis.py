@@ -50,6 +50,8 @@ def test_a_planted_collapse_is_found_with_its_surroundings() -> None:
     assert c["checkpoints"]["downstream"] == [30, 40]
     assert c["f1_before"] == {"sst2": 0.8, "rte": 0.8} and c["f1_after"] == {"sst2": 0.1, "rte": 0.1}
     assert (c["text_nll_before"], c["text_nll_after"]) == (2.0, 7.0)
+    assert a["milestones"] == {"es_w50_below_floor": None, "control_below_floor": None, "f1_below_half": 40,
+                               "text_nll_up_1": 40}
 
 
 def test_a_flat_run_has_no_candidate_and_no_collapse() -> None:
@@ -71,6 +73,7 @@ def test_control_recall_marks_the_collapse() -> None:
     a = analyze(run)
     assert a["collapse_index"] == 30 and "control" in a["reason"]
     assert (a["candidates"][0]["control_before"], a["candidates"][0]["control_after"]) == (90.0, 30.0)
+    assert a["milestones"]["control_below_floor"] == 40
 
 
 def test_a_batched_runs_candidate_is_a_batch() -> None:

@@ -347,7 +347,7 @@ def analyze(run_dir: Annotated[Path, typer.Argument(help="The run directory (fin
     of a run, with what surrounds each; written to DIR/analysis.json."""
     from editscale.analysis.phases import analyze as analyze_run
     from editscale.analysis.rundata import load_run
-    from editscale.report.html import candidate_rows
+    from editscale.report.html import candidate_rows, milestone_lines
     from editscale.run.store import RunStore
 
     _existing_runs([run_dir])
@@ -365,6 +365,8 @@ def analyze(run_dir: Annotated[Path, typer.Argument(help="The run directory (fin
         console.print(f"{run_dir}: {result['edits_done']} edits{state}; gradual phase edits "
                       f"0-{result['gradual'][1] - 1}, [bold red]catastrophic from edit {result['collapse_index']}"
                       f"[/bold red] ({result['reason']})")
+    for line in milestone_lines(result):
+        console.print(f"  {line}")
     rows = candidate_rows(result)
     if rows:
         t = Table(title=f"Disabling candidates ({len(rows)} {unit} at least {result['rule']['jump_factor']:g}x the "

@@ -13,7 +13,9 @@ and ES collapse. Here the same reading is a rule whose thresholds are the fields
 
 Edits before the collapse form the gradual phase, the rest the catastrophic one. A batched run is
 read per batch: an update is a batch, and a candidate is a batch. `analyze` adds, for every
-candidate, what the paper looks at around it (docs/protocol.md §8.7).
+candidate, what the paper looks at around it (docs/protocol.md §8.7), and `milestones`: when ES,
+control recall, downstream F1 and the health probe's loss first fell past a floor, which dates a
+decline that has no single disabling edit.
 """
 
 from __future__ import annotations
@@ -118,6 +120,27 @@ def _f1(row: dict[str, Any] | None) -> dict[str, float] | None:
     return None if row is None else {k: v["f1"] for k, v in row["tasks"].items()}
 
 
+def _first(rows: Sequence[dict[str, Any]], broken: Any) -> int | None:
+    return next((r["edits_done"] for r in rows if broken(r)), None)
+
+
+def milestones(run: RunData, rule: PhaseRule) -> dict[str, int | None]:
+    """When each measure first fell past the rule's floors, in edits done (None: never). A model
+    can decline without a single jump (no collapse point), and these say how fast it went."""
+    f1_0 = [statistics.mean(t["f1"] for t in r["tasks"].values()) for r in run.downstream[:1] if r["tasks"]]
+    control0 = next((f["control_known_pct"] for f in run.forgetting if f.get("control_known_pct") is not None), None)
+    nll0 = run.health[0]["text_nll"] if run.health else None
+    es = [r for r in run.ok_edits if r.get("es_w50") is not None]
+    return {
+        "es_w50_below_floor": next((r["index"] + 1 for r in es if r["es_w50"] < rule.es_floor), None),
+        "control_below_floor": _first(run.forgetting, lambda f: control0 and f.get("control_known_pct") is not None
+                                      and f["control_known_pct"] < rule.control_floor * control0),
+        "f1_below_half": _first(run.downstream, lambda d: f1_0 and f1_0[0] > 0 and d["tasks"] and statistics.mean(
+            t["f1"] for t in d["tasks"].values()) < 0.5 * f1_0[0]),
+        "text_nll_up_1": _first(run.health, lambda h: nll0 is not None and h["text_nll"] >= nll0 + 1.0),
+    }
+
+
 def analyze(run: RunData, rule: PhaseRule | None = None) -> dict[str, Any]:
     """The phases of a run and every disabling candidate with what surrounds it: its update size
     against the median before it, the distance before and after, ES of the following edits,
@@ -161,4 +184,5 @@ def analyze(run: RunData, rule: PhaseRule | None = None) -> dict[str, Any]:
         "edits_done": run.edits_done, "finished": run.finished, "rule": rule.model_dump(),
         **{k: v for k, v in asdict(phases).items() if k != "candidates"},
         "candidates": cands,
+        "milestones": milestones(run, rule),
     }

@@ -98,6 +98,18 @@ def summary_rows(runs: Sequence[RunData], analyses: Sequence[dict[str, Any]]) ->
     return out
 
 
+MILESTONES = {"es_w50_below_floor": "ES over the last 50 edits below {es_floor}",
+              "control_below_floor": "control-fact recall below {control_floor:.0%} of its first value",
+              "f1_below_half": "mean downstream F1 below half its first value",
+              "text_nll_up_1": "loss on the fixed text up by 1 nat/token"}
+
+
+def milestone_lines(a: dict[str, Any]) -> list[str]:
+    return [f"{text.format(**a['rule'])}: " + ("not within the run" if a["milestones"][key] is None
+                                                else f"after {a['milestones'][key]} edits")
+            for key, text in MILESTONES.items()]
+
+
 def candidate_rows(a: dict[str, Any]) -> list[dict[str, str]]:
     out = []
     for c in a["candidates"]:
@@ -187,6 +199,7 @@ def build_report(dirs: Sequence[Path | str], out: Path | str, *, rule: PhaseRule
                         "png": base64.b64encode(png.read_bytes()).decode("ascii")})
     title = title or ("editscale report: " + ", ".join(r.path.name for r in runs))
     per_run = [{"run": r, "analysis": a, "candidates": candidate_rows(a), "retest": retest_rows(r),
+                "milestones": milestone_lines(a),
                 "generations": generation_examples(r, a)} for r, a in zip(runs, analyses)]
     ctx = {"title": title, "generated": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
            "runs": runs, "summary": summary_rows(runs, analyses), "configs": config_rows(runs),
@@ -209,7 +222,8 @@ def _markdown(ctx: dict[str, Any], pngs: Sequence[Path], out: Path) -> str:
         phase = (f"gradual phase: edits {a['gradual'][0]}-{a['gradual'][1] - 1}; catastrophic phase from edit "
                  f"{a['collapse_index']} ({a['reason']})" if a["collapse_index"] is not None
                  else f"gradual phase only, edits 0-{a['gradual'][1] - 1} ({a['reason']})")
-        parts += [phase + "\n", "Disabling candidates:\n", markdown_table(item["candidates"])]
+        parts += [phase + "\n", *[f"- {m}" for m in item["milestones"]], "", "Disabling candidates:\n",
+                  markdown_table(item["candidates"])]
         if item["retest"]:
             parts += ["Re-tested as first edits:\n", markdown_table(item["retest"])]
     parts += ["## Figures\n"] + [f"![{p.stem}]({p.relative_to(out)})\n" for p in pngs]
