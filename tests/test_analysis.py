@@ -60,6 +60,13 @@ def test_a_flat_run_has_no_candidate_and_no_collapse() -> None:
     assert a["catastrophic"] is None
 
 
+def test_steady_growth_is_no_jump_against_a_trailing_window() -> None:
+    sizes = [1.05 ** i for i in range(200)]  # x3.4 per 25 updates, x130 over the run
+    run = synthetic_run(sizes, [1.0] * 200)
+    assert analyze(run)["candidates"] == []
+    assert len(analyze(run, PhaseRule(baseline_window=0))["candidates"]) > 50  # against the whole history
+
+
 def test_the_thresholds_are_options() -> None:
     run = synthetic_run([1.0] * 30 + [50.0] + [1.0] * 19, [1.0] * 31 + [0.0] * 19)
     assert analyze(run, PhaseRule(jump_factor=100))["candidates"] == []

@@ -4,7 +4,9 @@ The paper finds disabling edits by eye: the edit where the distance curve jumps 
 and ES collapse. Here the same reading is a rule whose thresholds are the fields of `PhaseRule`:
 
 - a *disabling candidate* is an update at least `jump_factor` times the median size of the
-  updates before it (after `warmup` updates): a jump in the distance curve. The size is the
+  `baseline_window` updates before it (after `warmup` updates): a jump in the distance curve. A
+  trailing window, not the whole history: updates that grow steadily as the layer drifts (MEMIT's
+  do, by orders of magnitude) would otherwise all pass for jumps. The size is the
   editor's `update_norm` diagnostic (||ΔW||_F, over all edited layers), or the step of the
   distance curve for a method that does not report one;
 - the *collapse* is the first candidate after which the model is broken: the mean ES of the
@@ -39,6 +41,8 @@ class PhaseRule(BaseModel):
     jump_factor: float = Field(10.0, gt=1, description="An update is a disabling candidate when it is at least "
                                                         "this many times the median of the updates before it.")
     warmup: int = Field(10, ge=1, description="Updates (edits, or batches) seen before any can be a candidate.")
+    baseline_window: int = Field(50, ge=0, description="The median is taken over this many updates before the "
+                                                       "candidate (0: all of them), so steady growth is no jump.")
     window: int = Field(10, ge=1, description="Updates after a candidate whose edits' mean ES decides a collapse.")
     es_floor: float = Field(0.5, ge=0, le=1, description="Mean ES below this after a candidate: a collapse.")
     control_floor: float = Field(0.5, ge=0, le=1, description="Control-fact recall below this share of its "
@@ -84,6 +88,10 @@ def update_sizes(units: Sequence[Sequence[dict[str, Any]]]) -> list[float]:
     return sizes
 
 
+def _before(sizes: Sequence[float], u: int, rule: PhaseRule) -> Sequence[float]:
+    return sizes[max(0, u - rule.baseline_window):u] if rule.baseline_window else sizes[:u]
+
+
 def find_phases(edits: Sequence[dict[str, Any]], forgetting: Sequence[dict[str, Any]] = (),
                 rule: PhaseRule | None = None) -> Phases:
     rule = rule or PhaseRule()
@@ -91,7 +99,7 @@ def find_phases(edits: Sequence[dict[str, Any]], forgetting: Sequence[dict[str, 
     n = (units[-1][-1]["index"] + 1) if units else 0
     sizes = update_sizes(units)
     cand_units = [u for u in range(rule.warmup, len(units))
-                  if sizes[u] >= rule.jump_factor * statistics.median(sizes[:u])]
+                  if sizes[u] >= rule.jump_factor * statistics.median(_before(sizes, u, rule))]
     candidates = [units[u][0]["index"] for u in cand_units]
     control0 = next((f["control_known_pct"] for f in forgetting if f.get("control_known_pct") is not None), None)
     for u in cand_units:
@@ -159,7 +167,7 @@ def analyze(run: RunData, rule: PhaseRule | None = None) -> dict[str, Any]:
         f_before, f_after = _around(run.forgetting, start, end)
         d_before, d_after = _around(run.downstream, start, end)
         h_before, h_after = _around(run.health, start, end)
-        median = statistics.median(sizes[:u])
+        median = statistics.median(_before(sizes, u, rule))
         cands.append({
             "index": start, "batch": unit[0].get("batch"), "edits": [start, end],
             "case_ids": [r["case_id"] for r in unit], "subjects": [r["subject"] for r in unit],
