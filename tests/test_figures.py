@@ -167,6 +167,15 @@ def test_runs_of_one_group_are_drawn_as_mean_and_spread() -> None:
                                         for r0, r1 in zip(runs[0].edits, runs[1].edits)])
 
 
+def test_runs_that_differ_in_more_than_their_sample_are_not_grouped() -> None:
+    a, b = make_run(sample=0), make_run(sample=0)
+    b.config = b.config.model_copy(update={"edits": b.config.edits + 100})  # the demo beside a longer run
+    assert a.group == make_run(sample=3).group and a.group != b.group
+    a.path, b.path = Path("first"), Path("second")
+    labels = [g.label for g in F.run_groups([a, b], F.distance_series)]
+    assert labels[0] != labels[1] and labels[0].endswith("[first]")  # the same legend text, told apart
+
+
 def test_a_group_is_truncated_to_its_shortest_run() -> None:
     band = F.aggregate([F.Curve([1, 2, 3, 4], [1.0, 2.0, 3.0, 4.0]), F.Curve([1, 2, 3], [3.0, 4.0, float("nan")])])
     assert band.x == [1, 2, 3] and band.mean == [2.0, 3.0, 3.0] and band.lo == [1.0, 2.0, 3.0] and band.n == 2

@@ -49,10 +49,14 @@ class RunData:
         return f"{c.method}{batch} · {Path(c.model).name} · sample {c.sample}"
 
     @property
-    def group(self) -> tuple[str, str, int, str]:
-        """Runs that differ only in their sample (or seed) share a group: their mean and spread are drawn."""
-        c = self.config
-        return c.method, c.model, c.batch_size, c.dataset
+    def group(self) -> str:
+        """Runs whose configs differ only in their sample (or seed) share a group: the figures draw
+        their mean and spread. Any other difference (edits, intervals, hyper-parameters) keeps
+        runs apart."""
+        import json
+
+        return json.dumps({k: v for k, v in self.config.identity().items() if k not in ("sample", "seed")},
+                          sort_keys=True, default=str)
 
 
 def load_run(path: Path | str) -> RunData:

@@ -218,12 +218,16 @@ def run_groups(runs: Sequence[RunData], series: Callable[[RunData], dict[str, Cu
     order: dict[Any, list[int]] = {}
     for i, run in enumerate(runs):
         order.setdefault(run.group, []).append(i)
+    labels = [group_label([runs[i] for i in members]) for members in order.values()]
     out = []
     for g, members in enumerate(order.values()):
         per_run = [series(runs[i]) for i in members]
         keys = list(dict.fromkeys(k for s in per_run for k in s))
         bands = {k: aggregate([s[k] for s in per_run if k in s]) for k in keys}
-        out.append(Group(members, group_label([runs[i] for i in members]), _COLOURS[g % len(_COLOURS)], bands))
+        label = labels[g]
+        if labels.count(label) > 1:  # e.g. the demo beside a longer run of the same method and sample
+            label += " [" + ", ".join(runs[i].path.name for i in members) + "]"
+        out.append(Group(members, label, _COLOURS[g % len(_COLOURS)], bands))
     return out
 
 
