@@ -2,8 +2,7 @@
 
 1. embedded model: seconds per edit split into k*, v*, update and evaluation (ES/PS/NS scoring);
 2. evaluation throughput: prompts scored per second (batched, new and true target each);
-3. the cost of one forgetting checkpoint as a function of the number of earlier edits;
-4. a random GPT-2-XL-shaped layer (d=1600, m=6400, Conv1D storage): the update itself
+3. a random GPT-2-XL-shaped layer (d=1600, m=6400, Conv1D storage): the update itself
    (C solve, rank-one product, write into the weight) and the drift measurement.
 
     python benchmarks/rome_edit.py [--edits 30] [--threads 2] [--no-xl]
@@ -19,7 +18,6 @@ import torch
 
 from editscale.data.registry import load_records
 from editscale.eval.drift import layer_drift
-from editscale.eval.forgetting import ForgettingTracker
 from editscale.eval.proficiency import edit_scores
 from editscale.methods.base import EditRequest, apply_deltas, get_method
 from editscale.methods.solver.context import EditContext
@@ -62,16 +60,6 @@ def embedded_edits(n_edits: int) -> None:
     edit_scores(lm.adapter, recs)
     dt = time.perf_counter() - t0
     print(f"[embedded] evaluation: {n_prompts} prompts x 2 targets in {dt:.2f} s = {n_prompts / dt:.0f} prompts/s")
-
-    # forgetting checkpoint cost vs earlier edits (re-scoring every earlier edit's rewrite prompt)
-    print("[embedded] forgetting checkpoint cost:")
-    for n in (10, 100, 500, 1000):
-        tr = ForgettingTracker()
-        for r in records[:n]:
-            tr.add(r, greedy_success=True, es_success=True)
-        t0 = time.perf_counter()
-        tr.check(lm.adapter, n)
-        print(f"    {n:5d} earlier edits: {time.perf_counter() - t0:.3f} s")
 
 
 def xl_layer() -> None:

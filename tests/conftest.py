@@ -88,9 +88,15 @@ def one_torch_thread():
     """The test models are tiny: one thread is fastest and avoids contention on a busy 2-core machine."""
     import torch
 
+    from editscale.run import runner
+
     n = torch.get_num_threads()
     torch.set_num_threads(1)
+    # a run's default is every usable CPU; here each xdist worker keeps to its one core
+    patch = pytest.MonkeyPatch()
+    patch.setattr(runner, "usable_cpus", lambda: 1)
     yield
+    patch.undo()
     torch.set_num_threads(n)
 
 

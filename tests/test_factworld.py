@@ -279,3 +279,26 @@ def test_small_worlds_work(world):
     assert len(small.records) == 45
     validate_records(small.records)
     assert all(len(r.neighborhood_prompts) <= 3 and len(r.attribute_prompts) <= 2 for r in small.records)
+
+
+def test_insertion_facts_are_about_new_subjects_and_keep_the_world_as_control() -> None:
+    from editscale.data.factworld import default_world
+    from editscale.data.factworld.insert import CASE_ID_BASE, insertion_records
+    from editscale.data.registry import control_pool, load_records, records_by_id
+
+    world = default_world()
+    records = load_records("factworld-insert")
+    assert len(records) == 20_000 and records[:3] == insertion_records(world, 3)  # seeded
+    subjects = [r.subject.lower() for r in records]
+    assert len(set(subjects)) == len(subjects) and not set(subjects) & {s.lower() for s in world.reserved_names}
+    assert [r.case_id for r in records] == list(range(CASE_ID_BASE, CASE_ID_BASE + 20_000))
+    obj_of = {f.prompt.format(f.subject): f.obj for f in world.facts}  # a world fact's prompt -> its object
+    for r in records[:50]:
+        assert r.target_new != r.target_true and len(r.paraphrase_prompts) == 3
+        assert r.rewrite_prompt not in r.paraphrase_prompts
+        # the neighbours know the alternative object: NS asks whether the new one leaks into them
+        assert r.neighborhood_prompts and {obj_of[p] for p in r.neighborhood_prompts} == {r.target_true}
+    assert control_pool("factworld-insert", records, 10) == world.records
+    assert control_pool("factworld", world.records, 10) == world.records[10:]
+    by_id = records_by_id("factworld-insert", records)
+    assert by_id[0] == world.records[0] and by_id[CASE_ID_BASE] == records[0]

@@ -28,22 +28,25 @@ class Script:
         self.greedy: dict[str, bool] = {}
         self.es: dict[str, bool] = {}
 
-    def __call__(self, adapter, prompts, targets, batch_size=256):
-        n = len(prompts) // 2
+    @staticmethod
+    def rows(adapter, prompts, targets, batch_size=256):
+        return list(zip(prompts, targets))  # the tracker caches these and hands them back to `score`
+
+    def score(self, adapter, rows, batch_size=256):
         out = []
-        for p, t in zip(prompts, targets):
+        for p, t in rows:
             subject = p.split(" ")[0]
             ok_es = self.es.get(subject, True)
             is_new = t == "violin"
             nll = (0.5 if ok_es else 2.0) if is_new else 1.0
             out.append(ContinuationScore(nll, nll, self.greedy.get(subject, True) if is_new else False, ()))
-        assert len(out) == 2 * n
         return out
 
 
 def test_paper_mode_is_sticky_and_probability_mode_sees_returns(monkeypatch) -> None:
     script = Script()
-    monkeypatch.setattr(forgetting_mod, "score_prompt_targets", script)
+    monkeypatch.setattr(forgetting_mod, "prompt_target_rows", script.rows)
+    monkeypatch.setattr(forgetting_mod, "score_rows", script.score)
     tr = ForgettingTracker()
     for i in range(4):
         tr.add(_rec(i), greedy_success=i != 3, es_success=True)  # edit 3 failed (greedy): never counted
@@ -67,7 +70,38 @@ def test_paper_mode_is_sticky_and_probability_mode_sees_returns(monkeypatch) -> 
     again = ForgettingTracker()
     again.load_state_dict(state, {i: _rec(i) for i in range(4)})
     assert again.paper_forgotten == tr.paper_forgotten and again.paper_ok == tr.paper_ok
-    assert list(again.records) == list(tr.records)
+    assert list(again.records) == list(tr.records) and again.checked_upto == 4
+
+
+def test_a_sampled_checkpoint_retests_the_subset_and_the_last_interval(monkeypatch) -> None:
+    script = Script()
+    monkeypatch.setattr(forgetting_mod, "prompt_target_rows", script.rows)
+    monkeypatch.setattr(forgetting_mod, "score_rows", script.score)
+    scored: list[int] = []
+
+    def spy(adapter, rows, batch_size=256):
+        scored.extend(int(p.split(" ")[0][1:]) for p, t in rows if t == "violin")
+        return script.score(adapter, rows, batch_size)
+
+    monkeypatch.setattr(forgetting_mod, "score_rows", spy)
+    tr = ForgettingTracker(sample=3, planned=20, seed=5)
+    subset = tr._subset()
+    assert len(subset) == 3 and subset == ForgettingTracker(sample=3, planned=20, seed=5)._subset()
+    for i in range(10):
+        tr.add(_rec(i), greedy_success=True, es_success=True)
+    row = tr.check(None, 10)  # the first checkpoint: every edit is new since the last one
+    assert sorted(scored) == list(range(10)) and row["sampled"] and row["tested"] == 10
+    assert row["sample_size"] == len([i for i in subset if i < 10]) == row["paper_eligible"]
+    scored.clear()
+    for i in range(10, 14):
+        tr.add(_rec(i), greedy_success=True, es_success=True)
+    script.greedy = {f"S{i}": False for i in range(14)}  # every edit now fails
+    row = tr.check(None, 14)
+    assert sorted(scored) == sorted({i for i in subset if i < 14} | set(range(10, 14)))
+    counted = [i for i in subset if i < 14]
+    assert row["paper_forgotten"] == len(counted) and row["paper_forgotten_pct"] == 100.0
+    # edits outside the subset were tested once, in their own interval, and count in no percentage
+    assert row["paper_eligible"] == len(counted)
 
 
 def test_paper_blocks_and_windows() -> None:

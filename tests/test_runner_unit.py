@@ -100,6 +100,15 @@ def test_batches_fire_the_schedules_when_they_cross_an_interval(world, tmp_path:
     assert summary["edits_done"] == 8
 
 
+def test_a_sampled_forgetting_run_says_so_in_its_rows(world, tmp_path: Path) -> None:
+    quiet(config(world, forgetting_sample=3, control=0, downstream_every=0, health=False), tmp_path / "s").run()
+    rows = RunStore(tmp_path / "s").rows("forgetting")
+    assert [r["edits_done"] for r in rows] == [2, 4, 6, 8]
+    assert all(r["sampled"] and r["sample_size"] <= 3 for r in rows)
+    assert rows[-1]["sample_size"] == 3  # the subset is drawn from the run's 8 planned edits
+    assert all(r["tested"] <= 3 + 2 for r in rows)  # the subset and the 2 edits since the last check
+
+
 def test_a_nonfinite_update_is_skipped_or_stops_the_run(world, tmp_path: Path) -> None:
     first = quiet(config(world, edits=3, downstream=[]), tmp_path / "probe").run()
     third = RunStore(tmp_path / "probe").rows("edits")[2]["case_id"]

@@ -528,12 +528,55 @@ def model_card(model_dir: Annotated[Path | None, typer.Option(help="Checkpoint d
     console.print(f"model card written to {path}")
 
 
+@app.command()
+def sweep(spec: Annotated[Path, typer.Argument(help="Sweep file (YAML): base, grid, per_method, resources.")],
+          out: Annotated[Path | None, typer.Option(help="Sweep directory (default: ./<sweep file's name>); "
+                                                       "an existing one is continued.")] = None,
+          address: Annotated[str | None, typer.Option(help="Ray cluster to join (default: a local Ray "
+                                                           "instance on this machine's CPUs).")] = None,
+          max_concurrent: Annotated[int | None, typer.Option(help="At most this many runs at once (default: "
+                                                                  "as many as Ray's resources fit).")] = None,
+          dry_run: Annotated[bool, typer.Option(help="Show the runs and statistics tasks; run nothing.")] = False,
+          report: Annotated[bool, typer.Option(help="Write the report over all runs at the end.")] = True) -> None:
+    """Run a grid of runs on Ray, each an ordinary run directory under the sweep directory, with a
+    live table; statistics are computed once and shared. Rerun the command to continue a sweep."""
+    from rich.markup import escape
+
+    from editscale.run.sweep import plan_table, run_sweep
+
+    target = out or Path(spec.stem)
+    result = run_sweep(spec, target, address=address, max_concurrent=max_concurrent, dry_run=dry_run,
+                       console=console)
+    if dry_run:
+        console.print(plan_table(result))
+        return
+    for cell in result.failed:
+        log = result.out / "logs" / f"{cell.name}.log"
+        err_console.print(f"[bold red]failed:[/bold red] {cell.name}: {escape(cell.error or '')} (log: {log})")
+    if report and result.run_dirs():
+        from editscale.report.sweep import sweep_report
+
+        files = sweep_report(result.out)
+        console.print(f"report: {files.html}")
+    done = sum(c.state in ("done", "skipped") for c in result.cells)
+    console.print(f"{done} of {len(result.cells)} runs finished; runs in {result.out}/<run>, logs in "
+                  f"{result.out / 'logs'}")
+    if result.failed:
+        sys.exit(1)  # not typer.Exit: `main` runs typer with standalone_mode=False, which returns its code
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: a user-facing error becomes one red line and exit status 2, not a traceback."""
+    import logging
+
+    # the library reports what it chose or measured (layers by the depth rule, statistics used) at INFO
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("editscale").setLevel(logging.INFO)
     try:
         app(args=argv, standalone_mode=False)
     except EditscaleError as e:
-        err_console.print(f"[bold red]error:[/bold red] {e}")
+        from rich.markup import escape
+
+        err_console.print(f"[bold red]error:[/bold red] {escape(str(e))}")  # a message may hold [brackets]
         sys.exit(2)
     except (typer.Exit, SystemExit) as e:
         code = getattr(e, "exit_code", getattr(e, "code", 0))

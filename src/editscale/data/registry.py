@@ -17,6 +17,15 @@ def _factworld(data_path: Path | None) -> list[EditRecord]:
     return default_world().records
 
 
+def _factworld_insert(data_path: Path | None) -> list[EditRecord]:
+    from editscale.data.factworld import default_world
+    from editscale.data.factworld.insert import insertion_records
+
+    if data_path is not None:
+        raise EditscaleError("the factworld-insert dataset is generated from its seed; it takes no --data-path")
+    return insertion_records(default_world())
+
+
 def _counterfact(data_path: Path | None) -> list[EditRecord]:
     from editscale.data.counterfact import load_counterfact
 
@@ -35,9 +44,33 @@ def _zsre(data_path: Path | None) -> list[EditRecord]:
 # Loaders import their module when called: `editscale --help` need not build the fact world.
 DATASETS: dict[str, Callable[[Path | None], list[EditRecord]]] = {
     "factworld": _factworld,
+    "factworld-insert": _factworld_insert,
     "counterfact": _counterfact,
     "zsre": _zsre,
 }
+
+
+def _world_facts() -> list[EditRecord]:
+    from editscale.data.factworld import default_world
+
+    return default_world().records
+
+
+# Datasets whose control facts come from elsewhere than their own unedited records: insertion
+# facts are about subjects the model never saw, so the facts it knows are the world's.
+CONTROL_POOLS: dict[str, Callable[[], list[EditRecord]]] = {"factworld-insert": _world_facts}
+
+
+def control_pool(dataset: str, order: list[EditRecord], edits: int) -> list[EditRecord]:
+    """Candidates for a run's never-edited control facts: the sample's records after the edited
+    ones, or the dataset's own pool (`CONTROL_POOLS`)."""
+    return CONTROL_POOLS[dataset]() if dataset in CONTROL_POOLS else order[edits:]
+
+
+def records_by_id(dataset: str, records: list[EditRecord]) -> dict[int, EditRecord]:
+    """A dataset's records and its control pool by case_id (a run's control.json names either)."""
+    pool = CONTROL_POOLS[dataset]() if dataset in CONTROL_POOLS else []
+    return {r.case_id: r for r in [*pool, *records]}
 
 
 def load_records(dataset: str, *, data_path: Path | str | None = None, limit: int | None = None

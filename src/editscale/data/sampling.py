@@ -182,4 +182,8 @@ def edit_order(records: Sequence[EditRecord], *, sample: int, edits: int, sample
     if edits > len(samples[key]):
         raise EditscaleError(f"--edits {edits} is more than sample {key} holds ({len(samples[key])} "
                              f"records of dataset '{dataset}')")
-    return select_sample(records, samples, key, None, by="position" if sample_file is None else "case_id")
+    if sample_file is None:
+        # built here from positions of these very records (unique subjects by construction): a
+        # position is the record, whatever its case_id
+        return [records[i] for i in samples[key]]
+    return select_sample(records, samples, key, None, by="case_id")

@@ -22,22 +22,41 @@ def record_prompts(r: EditRecord) -> dict[str, list[str]]:
             "unseen": list(r.extra.get("unseen_prompts", []))}
 
 
-def score_prompt_targets(adapter: ModelAdapter, prompts: Sequence[str], targets: Sequence[str], *,
-                         batch_size: int = 128) -> list[ContinuationScore]:
-    """Score `target` after each prompt (docs/protocol.md §8.1): mean NLL and teacher-forced greedy match."""
-    rows = []
+Row = tuple[list[int], list[int]]  # (prefix ids, target ids)
+
+
+def prompt_target_rows(adapter: ModelAdapter, prompts: Sequence[str], targets: Sequence[str], *,
+                       batch_size: int = 128) -> list[Row]:
+    """Token ids of `prompt + " " + target` rows, split into prefix and target (the adapter's rule)."""
+    rows: list[Row] = []
     for start in range(0, len(prompts), batch_size):
         batch = adapter.prompt_target_batch(prompts[start:start + batch_size], targets[start:start + batch_size])
         ids = batch.input_ids.tolist()
-        rows.extend((ids[i][: batch.prefix_lens[i]], batch.target_ids[i]) for i in range(len(batch.prefix_lens)))
-    return score_continuations(adapter.model, rows, pad_id=adapter.pad_token_id, batch_size=batch_size)
+        rows.extend((ids[i][: batch.prefix_lens[i]], list(batch.target_ids[i])) for i in range(len(batch.prefix_lens)))
+    return rows
+
+
+def score_rows(adapter: ModelAdapter, rows: Sequence[Row], *, batch_size: int = 128,
+               in_order: bool = False) -> list[ContinuationScore]:
+    """Score token rows (see `score_continuations` for the batching and `in_order`)."""
+    return score_continuations(adapter.model, rows, pad_id=adapter.pad_token_id, batch_size=batch_size,
+                               in_order=in_order)
+
+
+def score_prompt_targets(adapter: ModelAdapter, prompts: Sequence[str], targets: Sequence[str], *,
+                         batch_size: int = 128, in_order: bool = False) -> list[ContinuationScore]:
+    """Score `target` after each prompt (docs/protocol.md §8.1): mean NLL and teacher-forced greedy match."""
+    return score_rows(adapter, prompt_target_rows(adapter, prompts, targets, batch_size=batch_size),
+                      batch_size=batch_size, in_order=in_order)
 
 
 def score_prompt_pairs(adapter: ModelAdapter, prompts: Sequence[str], targets_a: Sequence[str],
-                       targets_b: Sequence[str], *, batch_size: int = 128) -> list[tuple[float, float]]:
+                       targets_b: Sequence[str], *, batch_size: int = 128, in_order: bool = False
+                       ) -> list[tuple[float, float]]:
     """Mean per-token NLL of target a and of target b after each prompt, batched."""
     n = len(prompts)
-    scores = score_prompt_targets(adapter, [*prompts, *prompts], [*targets_a, *targets_b], batch_size=batch_size)
+    scores = score_prompt_targets(adapter, [*prompts, *prompts], [*targets_a, *targets_b], batch_size=batch_size,
+                                  in_order=in_order)
     return [(scores[i].mean_nll, scores[n + i].mean_nll) for i in range(n)]
 
 

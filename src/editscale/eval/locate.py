@@ -21,16 +21,16 @@ def layer_scan(adapter: ModelAdapter, records: Sequence[EditRecord]) -> list[dic
     news = [r.target_new for r in records]
     positions = adapter.subject_token_indices([r.prompt for r in records], [r.subject for r in records])
     enc = adapter.encode(prompts)
-    # batch_size=n: every forward pass then holds the n prompts in record order (first with the
-    # true target, then with the new one), so one position and one delta per record line up
+    # batch_size=n, in order: every forward pass then holds the n prompts in record order (first
+    # with the true target, then with the new one), so one position and one delta per record line up
     n = len(records)
-    base = score_prompt_pairs(adapter, prompts, trues, news, batch_size=n)
+    base = score_prompt_pairs(adapter, prompts, trues, news, batch_size=n, in_order=True)
     rows = []
     for layer in range(adapter.n_layers):
         with adapter.record("mlp", layer, positions) as rec:
             adapter.logits(enc)
         with adapter.intervene("mlp", layer, positions, -rec.last):
-            ablated = score_prompt_pairs(adapter, prompts, trues, news, batch_size=n)
+            ablated = score_prompt_pairs(adapter, prompts, trues, news, batch_size=n, in_order=True)
         rows.append({
             "layer": layer,
             "known": sum(a < b for a, b in ablated) / len(ablated),

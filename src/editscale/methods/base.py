@@ -14,6 +14,8 @@ MLP-output layer, whatever the storage (Conv1D or Linear) of the family.
 from __future__ import annotations
 
 import importlib
+import logging
+import math
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -28,6 +30,8 @@ from editscale.data.records import EditRecord
 from editscale.errors import EditscaleError, UnknownNameError
 from editscale.methods.config import MethodConfig
 from editscale.models.adapter import ModelAdapter
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -155,20 +159,67 @@ def preset_mapping(cls: type[Editor], model_name: str) -> dict[str, Any] | None:
     return {**parent, **data}
 
 
-def resolve_method_config(method: str, model_name: str, given: Mapping[str, Any] | None = None) -> MethodConfig:
+def resolve_method_config(method: str, model_name: str, given: Mapping[str, Any] | None = None, *,
+                          n_layers: int | None = None, family: str | None = None) -> MethodConfig:
     """The hyper-parameters of a run: the method's preset for the model, then `given` over it.
 
     The one place a method config is resolved (`editscale run`, `demo`, `resume` and the Python
-    API all come here, through the runner). A model without a preset needs every required field
-    in `given`.
+    API all come here, through the runner). A model without a preset gets the generic preset
+    (`generic_preset`): its depth (`n_layers`, `family`) picks the layers unless `given` names them.
     """
     cls = get_method(method)
+    given = dict(given or {})
     preset = preset_mapping(cls, model_name)
-    if preset is None and not given:
+    if preset is None:
+        preset = generic_preset(cls, model_name, given, n_layers=n_layers, family=family)
+    return cls.config_class.parse({**preset, **given}, source=f"{cls.name} method config")
+
+
+GENERIC_PRESET = "gpt2-xl"  # the paper's model, which every method ships a preset for
+
+
+def generic_preset(cls: type[Editor], model_name: str, given: Mapping[str, Any], *, n_layers: int | None,
+                   family: str | None) -> dict[str, Any]:
+    """The hyper-parameters of a model without a preset (docs/protocol.md §2.8.1): the method's
+    GPT-2 XL preset, its loss read from the model's own logits, and its layers from `given` or
+    else by `depth_rule_layers`. Logs one line saying what was chosen."""
+    generic = preset_mapping(cls, GENERIC_PRESET)
+    if generic is None and given:
+        return {}  # a method with no presets at all (a user's own): its config class checks what was given
+    if generic is None or ("layers" not in given and n_layers is None):
         raise EditscaleError(
             f"no {cls.name} hyper-parameters for model '{model_name}'; presets: {', '.join(preset_names(cls))}. "
-            "Pass --method-config FILE.yaml")
-    return cls.config_class.parse({**(preset or {}), **(given or {})}, source=f"{cls.name} method config")
+            "Pass --set layers=[...] or --method-config FILE.yaml")
+    generic = dict(generic)
+    if "v_loss_layer" in generic:
+        generic["v_loss_layer"] = None  # GPT-2 XL's last block (47); None is any model's last block
+    if "layers" in given:
+        how = f"layers {list(given['layers'])} as given"
+    else:
+        generic["layers"] = depth_rule_layers(len(generic["layers"]), int(n_layers or 0), family)
+        how = f"layers {generic['layers']} of {n_layers} by the depth rule (docs/protocol.md §2.8.1)"
+    log.warning("no %s preset for model '%s': %s, the other hyper-parameters from its %s preset",
+                cls.name, model_name, how, GENERIC_PRESET)
+    return generic
+
+
+def depth_rule_layers(window: int, n_layers: int, family: str | None) -> list[int]:
+    """Edit layers for a model without a preset (docs/protocol.md §2.8.1).
+
+    The last edited layer sits at the relative depth ROME edits in the deepest model preset of the
+    model's family (GPT-2 XL 17/48, GPT-J 5/28, GPT-NeoX-20B 15/44, Llama-2 5/32; 1/5 for a family
+    without one), rounded half up. A method whose GPT-2 XL preset edits `window` layers (MEMIT's 5 of
+    48) edits a range ending there, that window scaled to the depth (rounded half up, at least 1).
+    """
+    from editscale.models.loading import find_preset, list_presets
+
+    known = [(p.rome_layer, p.n_layers) for p in list_presets()
+             if p.family == family and p.rome_layer is not None and p.n_layers]
+    rome_layer, depth = max(known, key=lambda rd: rd[1], default=(1, 5))
+    last = min(n_layers - 1, math.floor(rome_layer / depth * n_layers + 0.5))
+    generic_depth = find_preset(GENERIC_PRESET).n_layers or 48  # type: ignore[union-attr]
+    width = max(1, math.floor(window * n_layers / generic_depth + 0.5))
+    return list(range(max(0, last - width + 1), last + 1))
 
 
 def apply_deltas(adapter: ModelAdapter, deltas: dict[int, torch.Tensor], *, sign: float = 1.0) -> None:

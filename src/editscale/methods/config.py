@@ -64,8 +64,8 @@ class TargetConfig(MethodConfig):
 class StatsConfig(MethodConfig):
     """Which second-moment statistics C of the keys a method uses; docs/protocol.md §2.5."""
 
-    mom2_dataset: str = "wikipedia"
-    mom2_n_samples: int = 100000
+    mom2_dataset: str = "wikipedia"  # a corpus name, or a local text file or folder (data/corpora.py)
+    mom2_n_samples: int | Literal["auto"] = 100000  # documents; "auto": until C converges (§2.5.1)
     mom2_dtype: Literal["float32", "float64"] = "float32"
 
     def stats_options(self) -> dict[str, Any]:

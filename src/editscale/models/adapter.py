@@ -12,11 +12,15 @@ Conventions
   whatever the storage (Conv1D [in, out] or Linear [out, in]).
 - Token positions come from tokenising the full string with character offsets, special tokens
   included (docs/protocol.md §10.8), so they index exactly the sequences that `encode` builds.
+- A model placed by accelerate (a device map, CPU or disk offload) is edited where its weights
+  live: an offloaded module's parameters sit on `meta` and their values in its hook's weights map,
+  which is where edited layers are read from and written to (docs/protocol.md §1.5).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import inspect
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -114,8 +118,8 @@ class ModelAdapter:
 
     @property
     def device(self) -> torch.device:
-        # Inputs must go where the embedding lives, which is what matters under device_map="auto".
-        return self.module("embed").weight.device
+        """Where inputs go: the embedding's execution device (under a device map its weights may be offloaded)."""
+        return execution_device(self.model, self.module_name("embed"))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -187,52 +191,52 @@ class ModelAdapter:
 
     def get_mlp_out_weight(self, layer: int) -> torch.Tensor:
         """W of the MLP output projection as a detached fp32 copy, shape [d_model, d_mlp]."""
-        weight = self._mlp_out_param(layer).detach()
+        weight = tensor_value(self.model, self.mlp_out_weight_name(layer)).detach()
         if self.family.conv1d_weights:
             weight = weight.t()
         return weight.to(torch.float32, copy=True).contiguous()
 
     def set_mlp_out_weight(self, layer: int, weight: torch.Tensor) -> None:
         """Overwrite W (given as [d_model, d_mlp]); cast to the parameter's dtype and device."""
-        param = self._mlp_out_param(layer)
         stored = self._to_storage(layer, weight, "weight")
-        with torch.no_grad():
-            param.copy_(stored.to(device=param.device, dtype=param.dtype))
+        update_tensor(self.model, self.mlp_out_weight_name(layer), lambda current: stored)
 
     def add_to_mlp_out_weight(self, layer: int, delta: torch.Tensor) -> None:
-        """W += delta in place (delta given as [d_model, d_mlp])."""
-        param = self._mlp_out_param(layer)
-        stored = self._to_storage(layer, delta, "delta").to(device=param.device, dtype=torch.float32)
-        with torch.no_grad():
-            if param.dtype == torch.float32:
-                param.add_(stored)
-            else:
-                # Sum in fp32 and round once; adding a pre-rounded half-precision delta would lose
-                # the tiny per-element updates entirely (docs/protocol.md §10.15).
-                param.copy_((param.float() + stored).to(param.dtype))
+        """W += delta (delta given as [d_model, d_mlp])."""
+        stored = self._to_storage(layer, delta, "delta")
+        # Sum in fp32 and round once; adding a pre-rounded half-precision delta would lose the tiny
+        # per-element updates entirely (docs/protocol.md §10.15).
+        update_tensor(self.model, self.mlp_out_weight_name(layer),
+                      lambda current: current.float() + stored.to(device=current.device, dtype=torch.float32))
+
+    def mlp_out_offloaded(self, layer: int) -> bool:
+        """Whether accelerate offloaded layer `layer`'s MLP output projection (its parameters are then
+        on `meta`, so only the get/set/add methods here reach its values, not the module's parameters)."""
+        return _offload_slot(self.model, self.mlp_out_weight_name(layer)) is not None
+
+    def _mlp_out_bias_name(self, layer: int) -> str | None:
+        module = self.module("mlp_out", layer)
+        return None if getattr(module, "bias", None) is None else self.module_name("mlp_out", layer) + ".bias"
 
     def get_mlp_out_bias(self, layer: int) -> torch.Tensor | None:
         """b of the MLP output projection as a detached fp32 copy [d_model], or None if it has none."""
-        bias = self.module("mlp_out", layer).bias
-        return None if bias is None else bias.detach().to(torch.float32, copy=True)
+        name = self._mlp_out_bias_name(layer)
+        return None if name is None else tensor_value(self.model, name).detach().to(torch.float32, copy=True)
 
-    def _mlp_out_bias_param(self, layer: int) -> nn.Parameter:
-        bias = self.module("mlp_out", layer).bias
-        if bias is None:
+    def _require_mlp_out_bias(self, layer: int) -> str:
+        name = self._mlp_out_bias_name(layer)
+        if name is None:
             raise EditscaleError(f"layer {layer}'s MLP output projection has no bias")
-        return bias
+        return name
 
     def set_mlp_out_bias(self, layer: int, bias: torch.Tensor) -> None:
         """Overwrite b; cast to the parameter's dtype and device."""
-        param = self._mlp_out_bias_param(layer)
-        with torch.no_grad():
-            param.copy_(bias.to(device=param.device, dtype=param.dtype))
+        update_tensor(self.model, self._require_mlp_out_bias(layer), lambda current: bias)
 
     def add_to_mlp_out_bias(self, layer: int, delta: torch.Tensor) -> None:
         """b += delta, summed in fp32 and rounded once (as `add_to_mlp_out_weight`)."""
-        param = self._mlp_out_bias_param(layer)
-        with torch.no_grad():
-            param.copy_((param.float() + delta.to(device=param.device, dtype=torch.float32)).to(param.dtype))
+        update_tensor(self.model, self._require_mlp_out_bias(layer),
+                      lambda current: current.float() + delta.to(device=current.device, dtype=torch.float32))
 
     def snapshot(self, layers: Iterable[int], *, biases: bool = True) -> EditedParams:
         """Copies of the MLP-output weights (and biases, where they exist) of `layers`."""
@@ -474,6 +478,35 @@ class ModelAdapter:
         """Logits of final hidden states (any leading shape), as the model's output head computes them."""
         return self.model.get_output_embeddings()(hidden)
 
+    def hidden_before_head(self, **forward_kwargs: Any) -> torch.Tensor:
+        """One forward pass of the model (any keyword arguments: masks, positions, a cache) returning
+        the hidden states [batch, seq, d_model] after the final norm, the input of `unembed`.
+
+        The model's own forward runs (its hooks fire, a passed cache is filled) but its head is given
+        no position, so `unembed` of the few gathered rows a caller reads is the only vocabulary
+        projection. Without `logits_to_keep` (transformers < 4.50) the head still runs everywhere.
+        """
+        captured: dict[str, torch.Tensor] = {}
+
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            captured["hidden"] = output[0] if isinstance(output, tuple) else output
+
+        if self._head_keep_arg == "logits_to_keep":
+            forward_kwargs["logits_to_keep"] = torch.zeros(0, dtype=torch.long)
+        elif self._head_keep_arg == "num_logits_to_keep":
+            forward_kwargs["num_logits_to_keep"] = 1
+        handle = self.module("final_norm").register_forward_hook(hook)
+        try:
+            self.model(**forward_kwargs)
+        finally:
+            handle.remove()
+        return captured["hidden"]
+
+    @cached_property
+    def _head_keep_arg(self) -> str | None:
+        params = inspect.signature(self.model.forward).parameters
+        return next((name for name in ("logits_to_keep", "num_logits_to_keep") if name in params), None)
+
     def logits(self, inputs: Inputs) -> torch.Tensor:
         """Logits [batch, seq, vocab] as fp32, without gradients."""
         with torch.no_grad():
@@ -602,6 +635,119 @@ class ModelAdapter:
             yield recording
         finally:
             handle.remove()
+
+
+# ---------------------------------------------------------------------- where tensors live (accelerate)
+
+
+def _align_hooks(module: nn.Module) -> list[Any]:
+    """accelerate's AlignDevicesHooks on a module (a SequentialHook holds several; accelerate hooks.py)."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None:
+        return []
+    hooks = list(getattr(hook, "hooks", None) or [hook])
+    return [h for h in hooks if hasattr(h, "execution_device") and hasattr(h, "weights_map")]
+
+
+def _covering_hooks(model: nn.Module, name: str, own_depth: int) -> Iterator[tuple[Any, str]]:
+    """(hook, name relative to the hooked module) for the hooks that govern `name`, innermost first.
+
+    A hook governs the tensors of the module it is attached to (the first `own_depth` parts of
+    `name`) and, with place_submodules, those of its submodules too.
+    """
+    parts = name.split(".")
+    for depth in range(own_depth, -1, -1):
+        for hook in _align_hooks(model.get_submodule(".".join(parts[:depth]))):
+            if depth == own_depth or hook.place_submodules:
+                yield hook, ".".join(parts[depth:])
+
+
+def execution_device(model: nn.Module, module_name: str) -> torch.device:
+    """Where a module computes: its accelerate execution device when the model was dispatched
+    (its weights may then be on `meta`), else the device of its weights."""
+    for hook, _ in _covering_hooks(model, module_name, len(module_name.split(".")) if module_name else 0):
+        if hook.execution_device is not None:
+            return torch.device(hook.execution_device)
+    module = model.get_submodule(module_name)
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.device.type != "meta":
+            return tensor.device
+    return torch.device("cpu")
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """The device input ids must be on: the input embedding's execution device (a module that is
+    no transformers model: its first parameter's)."""
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    name = next((n for n, m in model.named_modules() if m is embed), None) if embed is not None else None
+    return execution_device(model, name) if name is not None else next(model.parameters()).device
+
+
+def _offload_slot(model: nn.Module, name: str) -> tuple[Mapping[str, torch.Tensor], str] | None:
+    """(weights_map, key) holding the real value of an offloaded parameter or buffer, or None when
+    the value lives in the module. An offloading AlignDevicesHook keeps the module's tensors on
+    `meta` and loads them from its weights_map for each forward pass (accelerate hooks.py)."""
+    for hook, key in _covering_hooks(model, name, len(name.split(".")) - 1):
+        if hook.offload and hook.weights_map is not None:
+            return hook.weights_map, key
+    return None
+
+
+def _live_tensor(model: nn.Module, name: str) -> torch.Tensor:
+    module_name, _, attr = name.rpartition(".")
+    tensor = getattr(model.get_submodule(module_name), attr)
+    if tensor.device.type == "meta":
+        raise EditscaleError(f"{name} is on the meta device and no accelerate hook holds its value")
+    return tensor
+
+
+def tensor_value(model: nn.Module, name: str) -> torch.Tensor:
+    """The real value of parameter or buffer `name` (a dotted state-dict name), also when accelerate
+    offloaded it to CPU or disk. Not a copy when it lives in the module: do not write to it."""
+    slot = _offload_slot(model, name)
+    if slot is None:
+        return _live_tensor(model, name)
+    weights_map, key = slot
+    return weights_map[key]
+
+
+def update_tensor(model: nn.Module, name: str, new: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Replace tensor `name` by new(current value), cast to its dtype, wherever the value lives.
+
+    An offloaded value is replaced in the weights map, so the next forward pass loads the new one.
+    """
+    with torch.no_grad():
+        slot = _offload_slot(model, name)
+        if slot is None:
+            live = _live_tensor(model, name)
+            live.copy_(new(live))
+            return
+        weights_map, key = slot
+        current = weights_map[key]
+        # A fresh contiguous tensor (`new` may return a view of the caller's own tensor), kept on the
+        # CPU: a disk loader may read straight onto the GPU, and the hook moves values to the
+        # execution device at each forward pass anyway.
+        fresh = torch.empty(current.shape, dtype=current.dtype, device="cpu")
+        fresh.copy_(new(current))
+        _store_offloaded(weights_map, key, fresh)
+
+
+def _store_offloaded(weights_map: Mapping[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
+    from accelerate.utils import OffloadedWeightsLoader, PrefixedDataset
+
+    while isinstance(weights_map, PrefixedDataset):
+        key = weights_map.prefix + key
+        weights_map = weights_map.dataset
+    if isinstance(weights_map, OffloadedWeightsLoader):
+        # Its state_dict takes priority over its disk index (accelerate utils/offload.py), so the
+        # edited value stays in memory and the files it reads (often the model's own checkpoint)
+        # are never written.
+        weights_map.state_dict[key] = value
+    elif isinstance(weights_map, MutableMapping):
+        weights_map[key] = value
+    else:
+        raise EditscaleError(f"cannot write offloaded tensor '{key}': its weights map is a read-only "
+                             f"{type(weights_map).__name__}")
 
 
 # ---------------------------------------------------------------------- helpers

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -12,11 +14,16 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from editscale.config_files import read_yaml_mapping
 from editscale.errors import EditscaleError
 from editscale.models.adapter import ModelAdapter
 from editscale.models.families import Family, family_for
 
 EMBEDDED = "embedded"
+# Placement strategies accelerate computes from free memory (transformers' from_pretrained device_map).
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+# Keys accelerate's max_memory accepts besides GPU indices (accelerate utils/modeling.py get_max_memory).
+_MEMORY_DEVICES = ("cpu", "disk", "mps")
 
 
 @dataclass(frozen=True)
@@ -113,15 +120,110 @@ def _one_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def parse_device_map(value: str | Mapping[str, Any] | None) -> str | dict[str, int | str] | None:
+    """A device map as `load_model` takes it: a strategy (auto, balanced, balanced_low_0, sequential),
+    a mapping of module names to devices, or the path of a JSON/YAML file holding that mapping.
+    Devices are GPU indices, cpu, disk or torch device names (cuda:1)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value in DEVICE_MAP_STRATEGIES:
+            return value
+        if not Path(value).is_file():
+            raise EditscaleError(f"--device-map '{value}' is neither one of {', '.join(DEVICE_MAP_STRATEGIES)} "
+                                 "nor a JSON/YAML file")
+        try:
+            value = read_yaml_mapping(value, "device map")
+        except EditscaleError as err:
+            raise EditscaleError(_one_line(err)) from err
+    if not value:
+        raise EditscaleError("--device-map: the mapping of module names to devices is empty")
+    return {str(name): _placement(device, name) for name, device in value.items()}
+
+
+def _placement(device: Any, module: str) -> int | str:
+    if isinstance(device, int) and not isinstance(device, bool) and device >= 0:
+        return device
+    if isinstance(device, str):
+        text = device.strip()
+        if text.isdigit():
+            return int(text)
+        if text in ("cpu", "disk"):
+            return text
+        try:
+            if torch.device(text).type != "meta":
+                return text
+        except RuntimeError:
+            pass
+    raise EditscaleError(f"--device-map: module '{module}' has device {device!r}; use a GPU index, cpu, disk "
+                         "or a torch device such as cuda:1")
+
+
+def parse_max_memory(value: str | Mapping[Any, Any] | None) -> dict[int | str, int | str] | None:
+    """The memory each device may hold, as accelerate's max_memory: from `0=20GiB,cpu=60GiB`, a JSON
+    mapping (`{"0": "20GiB", "cpu": "60GiB"}`) or a mapping. Sizes are bytes or strings with a unit."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("{"):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise EditscaleError(f"--max-memory '{text}' is not valid JSON: {err}") from err
+            if not isinstance(value, dict):
+                raise EditscaleError(f"--max-memory '{text}' must be a JSON mapping of devices to sizes")
+        else:
+            pairs = {}
+            for item in text.split(","):
+                key, sep, size = (part.strip() for part in item.partition("="))
+                if not sep or not key or not size:
+                    raise EditscaleError(f"--max-memory expects DEVICE=SIZE,... (e.g. 0=20GiB,cpu=60GiB), "
+                                         f"got '{item.strip()}'")
+                pairs[key] = size
+            value = pairs
+    if not value:
+        raise EditscaleError("--max-memory: no devices given")
+    return {_memory_device(key): _memory_size(key, size) for key, size in value.items()}
+
+
+def _memory_device(key: Any) -> int | str:
+    text = str(key).strip()
+    if text.isdigit():
+        return int(text)
+    if text in _MEMORY_DEVICES:
+        return text
+    raise EditscaleError(f"--max-memory: unknown device '{key}'; use a GPU index or one of "
+                         f"{', '.join(_MEMORY_DEVICES)}")
+
+
+def _memory_size(key: Any, size: Any) -> int | str:
+    from accelerate.utils import convert_file_size_to_int
+
+    if isinstance(size, bool) or not isinstance(size, int | str):
+        raise EditscaleError(f"--max-memory: size {size!r} of device '{key}' is not a size such as 20GiB")
+    try:
+        if convert_file_size_to_int(size) < 0:
+            raise ValueError(size)
+    except (ValueError, TypeError) as err:
+        raise EditscaleError(f"--max-memory: size '{size}' of device '{key}' is not a size such as 20GiB or "
+                             "500MB") from err
+    return size
+
+
 def load_model(name_or_path: str | Path, *, dtype: str | torch.dtype = "float32", device: str = "cpu",
-               device_map: str | dict[str, Any] | None = None, trust_remote_code: bool = False,
+               device_map: str | Mapping[str, Any] | None = None, max_memory: str | Mapping[Any, Any] | None = None,
+               offload_folder: str | Path | None = None, trust_remote_code: bool = False,
                revision: str | None = None, local_files_only: bool | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer by preset name, hub id or local directory.
 
     The reference loads fp32 (docs/protocol.md §1.4); half precision is allowed, but editors compute in
-    fp32. `device` may be "auto" (CUDA when available). With device_map (e.g. "auto", needs
-    accelerate) `device` is ignored and accelerate places the weights. Parameters are frozen and
-    the model is in eval mode.
+    fp32. `device` may be "auto" (CUDA when available). With device_map (needs accelerate; see
+    `parse_device_map` for its forms) `device` is ignored and accelerate places the weights over
+    GPUs, CPU and disk (docs/protocol.md §1.5), within `max_memory` per device (see
+    `parse_max_memory`); `offload_folder` is where weights offloaded to disk are written when they
+    cannot be read from the checkpoint's own safetensors files. Parameters are frozen and the
+    model is in eval mode.
     """
 
     name = str(name_or_path)
@@ -136,8 +238,13 @@ def load_model(name_or_path: str | Path, *, dtype: str | torch.dtype = "float32"
         source = preset.source
     else:
         source = name  # an unknown hub id: let transformers try
+    if device_map is None and (max_memory is not None or offload_folder is not None):
+        given = "--max-memory" if max_memory is not None else "--offload-folder"
+        raise EditscaleError(f"{given} only applies with --device-map (e.g. --device-map auto)")
     if device_map is not None and importlib.util.find_spec("accelerate") is None:
         raise EditscaleError("device_map needs the 'accelerate' package: pip install accelerate")
+    device_map = parse_device_map(device_map)
+    max_memory = parse_max_memory(max_memory)
 
     common: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if revision is not None:
@@ -156,6 +263,10 @@ def load_model(name_or_path: str | Path, *, dtype: str | torch.dtype = "float32"
     model_kwargs[_dtype_keyword()] = _torch_dtype(dtype)
     if device_map is not None:
         model_kwargs["device_map"] = device_map
+        if max_memory is not None:
+            model_kwargs["max_memory"] = max_memory
+        if offload_folder is not None:
+            model_kwargs["offload_folder"] = str(offload_folder)
     local = Path(source)
     if local.is_dir():
         # Prefer safetensors (no pickle) when the directory has them; otherwise .bin is allowed.

@@ -73,16 +73,23 @@ def load_checkpoint(store: RunStore) -> RunCheckpoint | None:
     return RunCheckpoint(params, editor_state, state)
 
 
-def load_run_model(name_or_dir: str | Path, *, device: str = "cpu") -> tuple[LoadedModel, str]:
+def load_run_model(name_or_dir: str | Path, *, device: str = "cpu", device_map: str | None = None,
+                   max_memory: str | None = None, offload_folder: str | None = None) -> tuple[LoadedModel, str]:
     """A model by preset, hub name or directory; or a run directory's model at its last checkpoint.
 
-    Returns the model and a label that says which (e.g. "runs/a after 200 edits").
+    A run directory's model is placed as its run placed it (device_map, max_memory, offload_folder
+    of its config) unless `device_map` is given. Returns the model and a label that says which
+    (e.g. "runs/a after 200 edits").
     """
     path = Path(name_or_dir)
     if not (path / "config.yaml").exists():
-        return load_model(str(name_or_dir), device=device), str(name_or_dir)
+        return load_model(str(name_or_dir), device=device, device_map=device_map, max_memory=max_memory,
+                          offload_folder=offload_folder), str(name_or_dir)
     cfg = load_config(path / "config.yaml")
-    lm = load_model(cfg.model, device=device, dtype=cfg.dtype)
+    if device_map is None:
+        device_map, max_memory, offload_folder = cfg.device_map, cfg.max_memory, cfg.offload_folder
+    lm = load_model(cfg.model, device=device, dtype=cfg.dtype, device_map=device_map, max_memory=max_memory,
+                    offload_folder=offload_folder)
     ckpt = load_checkpoint(RunStore(path))
     if ckpt is None:
         return lm, f"{path} (no checkpoint yet: the unedited {cfg.model})"

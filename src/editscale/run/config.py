@@ -4,10 +4,11 @@ resolved config with its seed and package versions to DIR/config.yaml."""
 
 from __future__ import annotations
 
+import os
 import platform
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -21,7 +22,8 @@ class RunConfig(BaseModel):
 
     model: str = Field("embedded", description="Preset name, hub name or local directory of the model to edit.")
     method: str = Field("rome", description="Editing method (see `editscale methods`).")
-    dataset: str = Field("factworld", description="Dataset of the facts to edit: factworld, counterfact or zsre.")
+    dataset: str = Field("factworld", description="Dataset of the facts to edit: factworld, factworld-insert "
+                                                   "(20,000 facts about new subjects), counterfact or zsre.")
     data_path: str | None = Field(None, description="Local dataset file (counterfact: else the published URL).")
     sample: int = Field(0, ge=0, description="Which shuffle of the unique subjects to edit, in order.")
     sample_file: str | None = Field(None, description="A sample-index file such as the paper's; else the "
@@ -32,6 +34,9 @@ class RunConfig(BaseModel):
     checkpoint_every: int = Field(50, ge=1, description="Save the edited layers every C edits.")
     forgetting: Literal["paper", "probability"] = Field(
         "paper", description="Headline forgetting criterion: paper (greedy, sticky) or probability.")
+    forgetting_sample: int | None = Field(
+        None, ge=1, description="Re-test a fixed seeded subset of K edits (plus the last interval's) at each "
+                                "forgetting checkpoint instead of all; the percentages are then over the subset.")
     control: int = Field(200, ge=0, description="Never-edited facts the model knew, scored with forgetting.")
     health: bool = Field(True, description="Loss on a fixed text and greedy continuations of fixed prompts "
                                            "at every forgetting checkpoint (health.jsonl).")
@@ -45,8 +50,23 @@ class RunConfig(BaseModel):
     seed: int = Field(0, description="Seed of the context templates.")
     device: str = Field("cpu", description="torch device, e.g. cpu or cuda:0.")
     dtype: str = Field("float32", description="Model dtype (edited matrices and solves stay fp32 or fp64).")
+    device_map: str | None = Field(None, description="Place the model over GPUs, CPU and disk with accelerate "
+                                                     "(then --device is ignored): auto, balanced, balanced_low_0, "
+                                                     "sequential, or a JSON/YAML file of module name -> device.")
+    max_memory: str | None = Field(None, description="Memory per device for --device-map, e.g. 0=20GiB,cpu=60GiB "
+                                                     "or a JSON mapping.")
+    offload_folder: str | None = Field(None, description="Folder for weights --device-map offloads to disk (needed "
+                                                         "when the checkpoint is not safetensors).")
     stats_cache: str | None = Field(None, description="Covariance statistics cache directory "
                                                       "(default: $EDITSCALE_CACHE/stats).")
+    stats_corpus: str | None = Field(None, description="Corpus of the covariance statistics, over the method's "
+                                                       "mom2_dataset: factworld, wikitext, wikipedia, or a local "
+                                                       ".txt/.jsonl/.parquet file or folder of them.")
+    stats_samples: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        None, description="Documents of the covariance statistics, over the method's mom2_n_samples; 'auto' stops "
+                          "when C has converged (docs/protocol.md §2.5.1).")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads of the run (default: the CPUs this "
+                                                        "process may use); summary.json records the number used.")
     method_config: dict[str, Any] = Field(
         default_factory=dict, description="Method hyper-parameters over the method's preset for the model; "
                                           "a run's config.yaml holds the resolved set.")
@@ -57,7 +77,8 @@ class RunConfig(BaseModel):
 
     def identity(self) -> dict[str, Any]:
         """The fields that make two runs the same run (what `--out` on an existing DIR must match)."""
-        return self.model_dump(exclude={"device", "stats_cache"})
+        return self.model_dump(exclude={"device", "device_map", "max_memory", "offload_folder", "stats_cache",
+                                        "threads"})
 
 
 class RetestRule(BaseModel):
@@ -74,15 +95,56 @@ class RetestRule(BaseModel):
 
 
 def resolve_config(cfg: RunConfig) -> RunConfig:
-    """`cfg` with its method hyper-parameters resolved: the method's preset for the model, then
-    `cfg.method_config` over it, validated. Resolving a resolved config changes nothing."""
+    """`cfg` with its method hyper-parameters resolved: the method's preset for the model (a model
+    without one: the generic preset, docs/protocol.md §2.8.1), then `cfg.method_config` over it, then
+    `stats_corpus` / `stats_samples` (methods without statistics ignore them), validated. Resolving a
+    resolved config changes nothing."""
     # Imported here, not at the top: the CLI builds its options from RunConfig, and `editscale
     # --help` should not wait for torch and the models.
-    from editscale.methods.base import resolve_method_config
+    from editscale.data.corpora import resolve_corpus
+    from editscale.methods.base import get_method, preset_mapping, resolve_method_config
     from editscale.models.loading import model_key
 
-    method_cfg = resolve_method_config(cfg.method, model_key(cfg.model), cfg.method_config)
-    return cfg.model_copy(update={"method_config": method_cfg.model_dump(mode="json")})
+    given, update = dict(cfg.method_config), {}
+    method_cls = get_method(cfg.method)
+    if "mom2_dataset" in method_cls.config_class.model_fields:
+        if cfg.stats_corpus is not None:
+            update["stats_corpus"] = given["mom2_dataset"] = resolve_corpus(cfg.stats_corpus)
+        if cfg.stats_samples is not None:
+            given["mom2_n_samples"] = cfg.stats_samples
+    key = model_key(cfg.model)
+    depth = model_depth(cfg.model) if preset_mapping(method_cls, key) is None else {}
+    method_cfg = resolve_method_config(cfg.method, key, given, **depth)
+    return cfg.model_copy(update={**update, "method_config": method_cfg.model_dump(mode="json")})
+
+
+def model_depth(model: str) -> dict[str, Any]:
+    """`n_layers` and `family` of a model, from a preset's table or the model's config.json (no
+    weights are read); empty when the config cannot be read, so the resolution says what to pass."""
+    from transformers import AutoConfig
+
+    from editscale.models.families import family_for
+    from editscale.models.loading import EMBEDDED, find_preset
+
+    preset = find_preset(model)
+    if preset is not None and preset.n_layers and not Path(model).is_dir():
+        return {"n_layers": preset.n_layers, "family": preset.family}
+    if model == EMBEDDED:
+        return {}
+    try:
+        config = AutoConfig.from_pretrained(model)
+        return {"n_layers": int(config.num_hidden_layers), "family": family_for(config).name}
+    except (OSError, ValueError, KeyError, AttributeError, EditscaleError):
+        return {}
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask where the OS keeps one (taskset, a batch
+    scheduler or a container narrows it), else every CPU of the machine."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
 
 
 def versions() -> dict[str, str]:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from editscale.data.probes import health_probe
-from editscale.data.registry import load_records
+from editscale.data.registry import load_records, records_by_id
 from editscale.errors import EditscaleError
 from editscale.eval.drift import layer_drift
 from editscale.eval.forgetting import ForgettingTracker
@@ -104,12 +104,13 @@ def retest(out: str, edits: Sequence[int], *, baseline: int | None = None, seed:
     done = {(r["kind"], r["index"], r["method"]) for r in store.iter_rows("retest")}
     todo = [(k, u) for k, u in plan if (k, u, None if k == "unedited" else label) not in done]
     if todo:
-        lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+        lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, device_map=cfg.device_map,
+                        max_memory=cfg.max_memory, offload_folder=cfg.offload_folder)
         adapter = lm.adapter
         editor = build_editor(cfg, store, adapter, lm.name, progress=progress)
         layers = list(editor.config.layers)
         original = adapter.snapshot(layers)
-        by_id = {r.case_id: r for r in load_records(cfg.dataset, data_path=cfg.data_path)}
+        by_id = records_by_id(cfg.dataset, load_records(cfg.dataset, data_path=cfg.data_path))
         tracker = ForgettingTracker(control=[by_id[c] for c in store.read_json("control.json") or []])
         suite = downstream_suite(cfg, lm.name) if downstream else None
         probe = health_probe(model_key(cfg.model)) if cfg.health else None

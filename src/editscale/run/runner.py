@@ -10,6 +10,7 @@ run stopped and ends with the same rows and weights as an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -21,7 +22,7 @@ import torch
 
 from editscale.data.probes import health_probe
 from editscale.data.records import EditRecord
-from editscale.data.registry import load_records
+from editscale.data.registry import control_pool, load_records, records_by_id
 from editscale.data.sampling import edit_order
 from editscale.errors import EditscaleError
 from editscale.eval.downstream.suite import DownstreamSuite, default_tasks, summary_row
@@ -34,7 +35,7 @@ from editscale.methods.solver.context import EditContext
 from editscale.models.adapter import ModelAdapter
 from editscale.models.loading import LoadedModel, load_model, model_key
 from editscale.run.checkpoint import load_checkpoint, save_checkpoint
-from editscale.run.config import RunConfig, dump_config, load_config, resolve_config
+from editscale.run.config import RunConfig, dump_config, load_config, resolve_config, usable_cpus
 from editscale.run.progress import ProgressBar
 from editscale.run.store import RunStore
 from editscale.run.summary import summarize
@@ -80,9 +81,21 @@ class Runner:
             raise EditscaleError(f"{self.store.root} exists and is not an editscale run directory")
 
     def run(self) -> dict[str, Any]:
+        """Edit until `cfg.edits` are done (continuing from the run directory's checkpoint), with
+        `cfg.threads` torch threads (summary.json: `threads_this_process`); the process's count is
+        restored on return."""
+        before = torch.get_num_threads()
+        threads = set_threads(self.cfg.threads)
+        try:
+            return self._run(threads)
+        finally:
+            torch.set_num_threads(before)
+
+    def _run(self, threads: int) -> dict[str, Any]:
         cfg = self.cfg
         self._check_dir()
-        lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+        lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, device_map=cfg.device_map,
+                        max_memory=cfg.max_memory, offload_folder=cfg.offload_folder)
         records = load_records(cfg.dataset, data_path=cfg.data_path)
         order = edit_order(records, sample=cfg.sample, sample_file=cfg.sample_file, edits=cfg.edits,
                            dataset=cfg.dataset)
@@ -94,11 +107,12 @@ class Runner:
         editor = build_editor(cfg, self.store, adapter, lm.name, progress=self.progress)
         layers = list(editor.config.layers)
         original = {layer: w.cpu() for layer, w in adapter.snapshot(layers, biases=False).weights.items()}
-        tracker = ForgettingTracker()
-        by_id = {r.case_id: r for r in records}
+        tracker = ForgettingTracker(sample=cfg.forgetting_sample, planned=cfg.edits, seed=cfg.seed)
+        by_id = records_by_id(cfg.dataset, records)
         control_ids = self.store.read_json("control.json")
         if control_ids is None:
-            tracker.control = select_control(adapter, order[cfg.edits:], cfg.control) if cfg.control else []
+            pool = control_pool(cfg.dataset, order, cfg.edits)
+            tracker.control = select_control(adapter, pool, cfg.control) if cfg.control else []
             self.store.write_json("control.json", [r.case_id for r in tracker.control])
         else:
             tracker.control = [by_id[c] for c in control_ids]
@@ -161,7 +175,7 @@ class Runner:
         elapsed = time.perf_counter() - t_start
         summary = {**summarize(self.store, cfg), "edits_done": state.edits_done, "nonfinite_edits": state.skipped,
                    "wall_seconds_this_process": round(elapsed, 2),
-                   "edits_this_process": state.edits_done - done_before}
+                   "edits_this_process": state.edits_done - done_before, "threads_this_process": threads}
         self.store.write_json("summary.json", summary)
         return summary
 
@@ -214,6 +228,17 @@ class Runner:
             # drift, diagnostics and timings belong to the batch: every row of it carries them
             row.update(drift=drift, diagnostics=_clean(result.diagnostics), timings=timings)
         return rows
+
+
+def set_threads(threads: int | None) -> int:
+    """Give torch `threads` CPU threads (None: every CPU this process may use); returns the number.
+    Runs side by side (a sweep) would otherwise each start one thread per core of the machine."""
+    n = threads or usable_cpus()
+    torch.set_num_threads(n)
+    # torch allows this once, before any inter-op work; the intra-op count is what matters
+    with contextlib.suppress(RuntimeError):
+        torch.set_num_interop_threads(n)
+    return n
 
 
 def build_editor(cfg: RunConfig, store: RunStore, adapter: ModelAdapter, model_name: str, *,

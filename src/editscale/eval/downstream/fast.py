@@ -34,6 +34,8 @@ from editscale.eval.downstream.fewshot import (
     paper_result,
     prompt_token_ids,
 )
+from editscale.eval.scoring import HeadRows
+from editscale.models.adapter import input_device
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values of shape [batch, heads, seq, head_dim]
 
@@ -79,26 +81,29 @@ def _accepts(model: torch.nn.Module, name: str) -> bool:
 
 
 class _Runner:
-    """Forward passes against a key/value cache, across the transformers API versions we support."""
+    """Forward passes against a key/value cache, across the transformers API versions we support.
+
+    Each pass names the (row, column) cells whose logits are read; only those go through the output
+    head (`scoring.HeadRows`), so a 50k vocabulary costs one projection per row, not per column.
+    """
 
     def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
-        self.device = next(model.parameters()).device
+        self.head = HeadRows(model)
+        self.device = input_device(model)
         # transformers 5 renamed the forward argument `past_key_values` to `cache`.
         self.cache_arg = "cache" if _accepts(model, "cache") else "past_key_values"
-        self.can_keep = _accepts(model, "logits_to_keep")
         self.calls = 0
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache,
-                keep: torch.Tensor | int | None = None) -> torch.Tensor:
-        kwargs: dict[str, Any] = {self.cache_arg: cache, "use_cache": True}
-        if keep is not None and self.can_keep:
-            kwargs["logits_to_keep"] = keep
+                read: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
+        """Logits [n, vocab] at the cells ``read = (rows, columns)`` of this pass's input (None: none)."""
+        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
+                                  self.cache_arg: cache, "use_cache": True}
         self.calls += 1
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs).logits
-        if keep is not None and not self.can_keep:
-            logits = logits[:, -keep:] if isinstance(keep, int) else logits[:, keep]
-        return logits
+        if read is None:
+            self.head.run(**kwargs)
+            return None
+        return self.head(*read, **kwargs)
 
 
 def _cache_kv(cache: DynamicCache) -> KV:
@@ -123,7 +128,7 @@ def _prefix_kv(runner: _Runner, prefix: Sequence[int]) -> KV:
     ids = torch.tensor([list(prefix)], dtype=torch.long, device=runner.device)
     cache = DynamicCache()
     positions = torch.arange(len(prefix), device=runner.device)[None]
-    runner.forward(ids, torch.ones_like(ids), positions, cache, keep=1)  # its logits are never needed
+    runner.forward(ids, torch.ones_like(ids), positions, cache)  # its logits are never needed
     return _cache_kv(cache)
 
 
@@ -148,13 +153,10 @@ def _run_suffixes(runner: _Runner, prefix_kv: KV, prefix_len: int, suffixes: Seq
     ids, mask = ids.to(device), mask.to(device)
     lengths = torch.tensor([len(s) for s in suffixes], device=device)
     positions = (prefix_len + torch.arange(width, device=device)).expand(b, -1)
-    # Only the logits after each row's last real token are needed: keep just those columns
-    # (a full [b, width, vocab] tensor is large for a 50k vocabulary).
-    last = lengths - 1
-    keep = torch.unique(last)
     cache = _cache_from(prefix_kv, b)
-    logits = runner.forward(ids, mask, positions, cache, keep=keep)
-    next_logits = logits[torch.arange(b, device=device), torch.searchsorted(keep, last)]
+    # only the logits after each row's last real token are read
+    next_logits = runner.forward(ids, mask, positions, cache, read=(torch.arange(b, device=device), lengths - 1))
+    assert next_logits is not None
     return _Chunk(cache=cache, mask=mask, lengths=lengths, next_logits=next_logits)
 
 
@@ -163,14 +165,15 @@ def _greedy(runner: _Runner, chunk: _Chunk, prefix_len: int, gen_len: int) -> li
     if gen_len <= 0:
         return [[] for _ in range(len(chunk.lengths))]
     mask, logits, new = chunk.mask, chunk.next_logits, []
+    rows = torch.arange(len(chunk.lengths), device=runner.device)
     for step in range(gen_len):
-        nxt = logits.argmax(dim=-1)
+        nxt = logits.argmax(dim=-1).to(runner.device)
         new.append(nxt)
         if step == gen_len - 1:
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         positions = (prefix_len + chunk.lengths + step)[:, None]
-        logits = runner.forward(nxt[:, None], mask, positions, chunk.cache)[:, -1]
+        logits = runner.forward(nxt[:, None], mask, positions, chunk.cache, read=(rows, torch.zeros_like(rows)))
     return torch.stack(new, dim=1).tolist()
 
 
@@ -184,7 +187,9 @@ def _label_logprobs(runner: _Runner, chunk: _Chunk, prefix_len: int, targets: Se
     for label in sorted(targets[0]):
         rows = [list(t[label]) for t in targets]
         extra = max(len(r) for r in rows) - 1  # tokens to feed after the suffix: all but each row's last
-        later = None
+        # token j > 0 of row i is predicted at column j - 1 of the fed tokens; only those cells are read
+        cells = [(i, j - 1) for i, r in enumerate(rows) for j in range(1, len(r))]
+        later_lp: list[float] = []
         if extra > 0:
             ids = torch.full((b, extra), pad_id, dtype=torch.long)
             fed = torch.zeros((b, extra), dtype=torch.long)
@@ -193,11 +198,17 @@ def _label_logprobs(runner: _Runner, chunk: _Chunk, prefix_len: int, targets: Se
                 fed[i, : len(r) - 1] = 1
             mask = torch.cat([chunk.mask, fed.to(device)], dim=1)
             positions = prefix_len + chunk.lengths[:, None] + torch.arange(extra, device=device)[None]
-            later = torch.log_softmax(runner.forward(ids.to(device), mask, positions,
-                                                     _cache_from(suffix_kv, b)).float(), dim=-1)
+            read = (torch.tensor([i for i, _ in cells], device=device),
+                    torch.tensor([c for _, c in cells], device=device))
+            logits = runner.forward(ids.to(device), mask, positions, _cache_from(suffix_kv, b), read=read)
+            assert logits is not None
+            tokens = torch.tensor([tok for r in rows for tok in r[1:]], device=logits.device)
+            later_lp = torch.log_softmax(logits.float(), dim=-1).gather(1, tokens[:, None])[:, 0].tolist()
+        k = 0
         for i, r in enumerate(rows):
-            lp = [first[i, r[0]]] + [later[i, j - 1, tok] for j, tok in enumerate(r) if j > 0]  # type: ignore[index]
-            scores[i][label] = float(torch.stack(lp).mean())
+            lp = [float(first[i, r[0]])] + later_lp[k:k + len(r) - 1]
+            k += len(r) - 1
+            scores[i][label] = sum(lp) / len(lp)
     return scores
 
 

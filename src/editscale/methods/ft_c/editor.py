@@ -61,6 +61,11 @@ class FtcEditor(Editor):
         self._unedited: dict[tuple[int, str], torch.Tensor] | None = None
 
     def prepare(self) -> None:
+        # FT-C trains the module's own parameters: an offloaded layer's live on `meta` (docs/protocol.md §1.5)
+        offloaded = [layer for layer in self.config.layers if self.adapter.mlp_out_offloaded(layer)]
+        if offloaded:
+            raise EditscaleError(f"ft-c trains layers {offloaded} in place, but --device-map offloaded them; "
+                                 "give them a device (--max-memory) or use a method that edits through the adapter")
         # The "unedited" clamp anchor must come from the base model, which prepare() is guaranteed to see.
         if self.config.clamp_anchor == "unedited":
             self._unedited = {(t.layer, t.kind): t.param.detach().clone() for t in self._trained()}

@@ -1,19 +1,23 @@
 """Second-moment statistics C = E[k kᵀ] of an MLP-output layer's keys (docs/protocol.md §2.5): compute, cache, resume.
 
 C is the expensive, shared input of ROME, MEMIT, EMMET and AlphaEdit. It is computed once per
-(base model, layer, corpus, sample count, dtype) and cached on disk. The cache key pins the *base*
-model by name and by a fingerprint of its weights, so an edited or retrained model never picks up
-stale statistics (the reference keys on `config._name_or_path` only: docs/protocol.md §10.3).
+(base model weights, layer, corpus, sample count, dtype, length) and cached on disk. The cache key
+pins the model by a fingerprint of its weights only, never by its name or path: the same model
+given by another path reuses the file, and an edited or retrained model never picks up stale
+statistics (the reference keys on `config._name_or_path` only: docs/protocol.md §10.3).
 
 Accumulation runs over a fixed pseudo-random subset of the corpus's documents (seed 1, as the
 reference's FixedRandomSubsetSampler), every non-padding token, uncentred. Partial sums are saved
-atomically every few batches, so a killed computation resumes where it stopped.
+atomically every few batches, so a killed computation resumes where it stopped. With
+`n_samples="auto"` it stops as soon as C has converged (`AUTO_*` below; docs/protocol.md §2.5.1).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -23,11 +27,28 @@ from typing import Any
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from editscale.data.corpora import CORPUS_REVISIONS, corpus_documents
+from editscale.data.corpora import corpus_cache_name, corpus_documents
 from editscale.errors import EditscaleError
-from editscale.models.adapter import ModelAdapter
+from editscale.models.adapter import ModelAdapter, tensor_value
+
+log = logging.getLogger(__name__)
+
+# The layout of the cache folder. 1: <model name>-<fingerprint>/<corpus>/...; 2: v2/<fingerprint>/
+# <corpus>/..., keyed by weights alone and with content-hashed local corpora. A new layout lives in
+# a new folder, so files of an older one are never read as this one's.
+CACHE_FORMAT = 2
+
+# `mom2_n_samples: auto` (docs/protocol.md §2.5.1; FastMEMIT, arXiv 2506.04226: a small multiple of
+# the key dimension suffices). C is checked first after AUTO_MIN_KEYS_PER_DIM * d_mlp token keys,
+# then each time the token count has doubled; it stops at the first check where C moved by less than
+# AUTO_TOLERANCE (relative Frobenius norm) since the previous check and cond(C) <= AUTO_MAX_COND.
+AUTO = "auto"
+AUTO_MIN_KEYS_PER_DIM = 2
+AUTO_TOLERANCE = 2e-2
+AUTO_MAX_COND = 1e10
 
 
 def default_cache_dir() -> Path:
@@ -45,6 +66,8 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     """
     h = hashlib.sha256()
     for name, p in model.state_dict().items():
+        if p.device.type == "meta":  # offloaded by accelerate: the value lives in its hook (docs/protocol.md §1.5)
+            p = tensor_value(model, name)
         flat = p.detach().reshape(-1)
         step = max(1, flat.numel() // 4096)
         h.update(name.encode())
@@ -55,25 +78,43 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 @dataclass(frozen=True)
 class StatsKey:
-    model_name: str
-    fingerprint: str
+    fingerprint: str  # model_fingerprint of the unedited model
     layer: int
-    corpus: str
-    n_samples: int
+    corpus: str  # corpus_cache_name: a registry name with its revision, or a local corpus's content hash
+    n_samples: int | str  # documents, or "auto"
     dtype: str
     max_length: int
 
     def path(self, root: Path) -> Path:
-        model = self.model_name.replace("/", "_")
-        corpus = self.corpus + (f"-r{CORPUS_REVISIONS[self.corpus]}" if self.corpus in CORPUS_REVISIONS else "")
-        return root / f"{model}-{self.fingerprint}" / corpus / (
+        return root / f"v{CACHE_FORMAT}" / self.fingerprint / self.corpus / (
             f"layer{self.layer}_{self.dtype}_n{self.n_samples}_len{self.max_length}.safetensors")
 
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-# ---------------------------------------------------------------------- accumulation
+def _check_options(n_samples: int | str, dtype: str) -> None:
+    if dtype not in _DTYPES:
+        raise EditscaleError(f"statistics dtype must be one of {', '.join(_DTYPES)}, got '{dtype}'")
+    if n_samples != AUTO and not (isinstance(n_samples, int) and not isinstance(n_samples, bool) and n_samples > 0):
+        raise EditscaleError(f"statistics sample count (mom2_n_samples) must be a positive number of documents "
+                             f"or 'auto', got {n_samples!r}")
+
+
+def stats_path(adapter: ModelAdapter, layer: int, *, corpus: str = "factworld", n_samples: int | str = 20000,
+               dtype: str = "float64", max_length: int | None = None, cache_dir: Path | str | None = None) -> Path:
+    """Where the statistics of these options are (or will be) cached."""
+    _check_options(n_samples, dtype)
+    max_length = int(max_length or adapter.max_positions or 1024)
+    key = StatsKey(model_fingerprint(adapter.model), layer, corpus_cache_name(corpus), n_samples, dtype, max_length)
+    return key.path(Path(cache_dir) if cache_dir else default_cache_dir())
+
+
+def stats_metadata(path: Path | str) -> dict[str, str]:
+    """What a statistics file records besides C: its key, the tokens and documents it was computed
+    over (for `auto`, the count it stopped at and why), the seconds it took."""
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
 
 
 def _batches(adapter: ModelAdapter, docs: Sequence[str], max_length: int, token_budget: int
@@ -96,17 +137,17 @@ def _batches(adapter: ModelAdapter, docs: Sequence[str], max_length: int, token_
         i = j
 
 
-def second_moment(adapter: ModelAdapter, layer: int, *, model_name: str, corpus: str = "factworld",
-                  n_samples: int = 20000, dtype: str = "float64", max_length: int | None = None,
+def second_moment(adapter: ModelAdapter, layer: int, *, model_name: str = "", corpus: str = "factworld",
+                  n_samples: int | str = 20000, dtype: str = "float64", max_length: int | None = None,
                   cache_dir: Path | str | None = None, token_budget: int = 8192, save_every: int = 20,
                   progress: bool = True) -> torch.Tensor:
-    """C = (1/N) Σ k kᵀ over every non-padding token of the corpus subset, [d_mlp, d_mlp] on CPU."""
-    if dtype not in _DTYPES:
-        raise EditscaleError(f"statistics dtype must be one of {', '.join(_DTYPES)}, got '{dtype}'")
-    max_length = int(max_length or adapter.max_positions or 1024)
-    key = StatsKey(model_name, model_fingerprint(adapter.model), layer, corpus, n_samples, dtype, max_length)
-    root = Path(cache_dir) if cache_dir else default_cache_dir()
-    path = key.path(root)
+    """C = (1/N) Σ k kᵀ over every non-padding token of the corpus subset, [d_mlp, d_mlp] on CPU.
+
+    `n_samples` is a number of documents, or "auto" (stop when C has converged). `model_name` only
+    names the model in the file's metadata and the log: the cache is keyed by the weights.
+    """
+    path = stats_path(adapter, layer, corpus=corpus, n_samples=n_samples, dtype=dtype, max_length=max_length,
+                      cache_dir=cache_dir)
     if path.exists():
         return load_file(path)["mom2"]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -118,7 +159,9 @@ def second_moment(adapter: ModelAdapter, layer: int, *, model_name: str, corpus:
     try:
         if path.exists():  # written while we waited
             return load_file(path)["mom2"]
-        return _accumulate(adapter, layer, key, path, token_budget=token_budget, save_every=save_every,
+        max_length = int(max_length or adapter.max_positions or 1024)
+        return _accumulate(adapter, layer, path, model_name=model_name, corpus=corpus, n_samples=n_samples,
+                           dtype=dtype, max_length=max_length, token_budget=token_budget, save_every=save_every,
                            progress=progress)
     finally:
         lock.unlink(missing_ok=True)
@@ -159,21 +202,29 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _accumulate(adapter: ModelAdapter, layer: int, key: StatsKey, path: Path, *, token_budget: int,
-                save_every: int, progress: bool) -> torch.Tensor:
+def _accumulate(adapter: ModelAdapter, layer: int, path: Path, *, model_name: str, corpus: str,
+                n_samples: int | str, dtype: str, max_length: int, token_budget: int, save_every: int,
+                progress: bool) -> torch.Tensor:
     """The accumulation itself, under the lock: resumed from the partial sums of a killed run."""
-    corpus, n_samples, dtype, max_length = key.corpus, key.n_samples, key.dtype, key.max_length
+    auto = n_samples == AUTO
     partial = path.with_suffix(".partial.safetensors")
     tdtype = _DTYPES[dtype]
     total = torch.zeros(adapter.d_mlp, adapter.d_mlp, dtype=tdtype)
     count, done = 0, 0
+    # auto: the sums at the previous convergence check (none yet: count 0)
+    prev_total, prev_count = torch.zeros_like(total), 0
     if partial.exists():
         state = load_file(partial)
         total, count, done = state["sum"], int(state["count"].item()), int(state["docs_done"].item())
+        if "prev_sum" in state:
+            prev_total, prev_count = state["prev_sum"], int(state["prev_count"].item())
+    next_check = max(AUTO_MIN_KEYS_PER_DIM * adapter.d_mlp, 2 * prev_count)
 
-    docs = corpus_documents(corpus, n_samples)
-    bar = _progress(progress, f"C layer {layer} ({corpus})", len(docs), done)
+    docs = corpus_documents(corpus, None if auto else int(n_samples))
+    bar = _progress(progress, f"C layer {layer} ({corpus}{', auto' if auto else ''})", len(docs), done)
     t0 = time.time()
+    outcome = {"stopped": "all documents"}
+    done_now = done
     for n_batch, (_first, end, batch) in enumerate(_batches(adapter, docs[done:], max_length, token_budget)):
         keys = adapter.capture_mlp_keys(batch, layer)  # [b, s, d_mlp]
         mask = batch["attention_mask"].bool().to(keys.device)
@@ -182,16 +233,47 @@ def _accumulate(adapter: ModelAdapter, layer: int, key: StatsKey, path: Path, *,
         count += k.shape[0]
         done_now = done + end
         bar(done_now)
+        if auto and count >= next_check:
+            verdict = _converged(total, count, prev_total, prev_count)
+            if verdict is not None:
+                outcome = verdict
+                break
+            prev_total, prev_count, next_check = total.clone(), count, 2 * count
         if (n_batch + 1) % save_every == 0:
-            _save_atomic(partial, {"sum": total, "count": torch.tensor(count), "docs_done": torch.tensor(done_now)})
+            state = {"sum": total, "count": torch.tensor(count), "docs_done": torch.tensor(done_now)}
+            if auto:
+                state |= {"prev_sum": prev_total, "prev_count": torch.tensor(prev_count)}
+            _save_atomic(partial, state)
     bar(None)
     if count == 0:
         raise EditscaleError(f"statistics corpus '{corpus}' gave no tokens")
     mom2 = total / count
-    meta = {"key": json.dumps(key.__dict__), "tokens": str(count), "seconds": f"{time.time() - t0:.1f}"}
+    seconds = time.time() - t0
+    key = {"model": model_name, "layer": layer, "corpus": corpus, "n_samples": n_samples, "dtype": dtype,
+           "max_length": max_length, "cache": str(path.relative_to(path.parents[3]))}
+    meta = {"key": json.dumps(key), "tokens": str(count), "docs": str(done_now), "seconds": f"{seconds:.1f}"}
+    if auto:
+        meta |= {"auto_" + k: v for k, v in outcome.items()}
     _save_atomic(path, {"mom2": mom2}, meta)
     partial.unlink(missing_ok=True)
+    how = f"auto: {outcome['stopped']}" if auto else f"{n_samples} requested"
+    log.info("statistics C of %s layer %d on %s: %d tokens from %d documents (%s), %.1f s",
+             model_name or "the model", layer, corpus, count, done_now, how, seconds)
     return mom2
+
+
+def _converged(total: torch.Tensor, count: int, prev_total: torch.Tensor, prev_count: int) -> dict[str, str] | None:
+    """The auto rule's verdict at one check (docs/protocol.md §2.5.1): None to go on, else why it stops."""
+    if prev_count == 0:
+        return None
+    c = total.double() / count
+    change = float(torch.linalg.matrix_norm(c - prev_total.double() / prev_count) / torch.linalg.matrix_norm(c))
+    if not change < AUTO_TOLERANCE:
+        return None
+    cond = condition_number(c)
+    if not (math.isfinite(cond) and cond <= AUTO_MAX_COND):
+        return None
+    return {"stopped": "converged", "change": f"{change:.3g}", "cond": f"{cond:.3g}"}
 
 
 def _save_atomic(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> None:
