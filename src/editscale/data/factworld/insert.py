@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 
-from editscale.data.factworld.world import RELATIONS, FactWorld, make_name
+from editscale.data.factworld.world import RELATIONS, FactWorld, new_name
 from editscale.data.records import EditRecord
 
 # case_ids of insertion facts start here, far above the world's own (0 to n_subjects - 1)
@@ -34,11 +34,7 @@ def insertion_records(world: FactWorld, n: int = N_INSERTIONS, *, seed: int = 1,
     out = []
     for i in range(n):
         rel = RELATIONS[i % len(RELATIONS)]
-        while True:
-            subject = make_name(rng, rel.subject_kind)
-            if subject.lower() not in taken:
-                break
-        taken.add(subject.lower())
+        subject = new_name(rng, rel.subject_kind, taken)
         new, alternative = rng.sample(rel.objects, 2)
         prompt = rng.choice(rel.trained)
         peers = holders[(rel.relation_id, alternative)]

@@ -164,6 +164,15 @@ def make_name(rng: random.Random, kind: str) -> str:
     raise ValueError(f"unknown subject kind {kind!r}")
 
 
+def new_name(rng: random.Random, kind: str, taken: set[str]) -> str:
+    """A name of that kind not in `taken` (lower-cased names), which it is added to."""
+    while True:
+        name = make_name(rng, kind)
+        if name.lower() not in taken:
+            taken.add(name.lower())
+            return name
+
+
 @dataclass(frozen=True)
 class Fact:
     case_id: int
@@ -225,11 +234,7 @@ def generate_world(seed: int = 0, n_subjects: int = 1800, n_neighbors: int = 10,
     facts: list[Fact] = []
     for i in range(n_subjects):
         rel = RELATIONS[i % len(RELATIONS)]
-        while True:
-            name = make_name(rng, rel.subject_kind)
-            if name.lower() not in seen:
-                break
-        seen.add(name.lower())
+        name = new_name(rng, rel.subject_kind, seen)
         first = rng.choice(rel.first)
         inside = rng.choice(rel.inside)
         facts.append(Fact(case_id=i, subject=name, relation=rel, obj=rng.choice(rel.objects), first=first,
