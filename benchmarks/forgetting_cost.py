@@ -3,8 +3,8 @@
 A checkpoint re-tests every earlier successful edit (both targets on its rewrite prompt) and the
 control facts. Three ways side by side on the embedded model:
 
-- before: every checkpoint tokenises every row again and scores them in edit order;
-- now: rows tokenised once per edit (kept by the tracker), scored in batches of similar length;
+- re-tokenised: every checkpoint tokenises every row again (the tracker's way before it kept them);
+- kept: rows tokenised once per edit and kept by the tracker (the first checkpoint tokenises);
 - sampled: `--forgetting-sample K`, a fixed subset of K edits plus the last interval's.
 
 The fact world has 1,800 subjects; beyond that the benchmark re-uses its records under new case
@@ -33,8 +33,8 @@ def records_for(n: int):
     return [dataclasses.replace(base[i % len(base)], case_id=i) for i in range(n)]
 
 
-def before(lm, records, batch_size: int = 256) -> float:
-    """The checkpoint as it was: tokenise again, score in edit order."""
+def retokenised(lm, records, batch_size: int = 256) -> float:
+    """A checkpoint that tokenises every row again."""
     t0 = time.perf_counter()
     prompts = [r.rewrite_prompt for r in records]
     rows = prompt_target_rows(lm.adapter, prompts + prompts, [r.target_new for r in records] +
@@ -49,12 +49,12 @@ def main() -> None:
     ap.add_argument("--sample", type=int, default=1000)
     ap.add_argument("--interval", type=int, default=10, help="edits between checkpoints (the last interval's)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--before-up-to", type=int, default=1000, help="largest size also timed the old way")
+    ap.add_argument("--retokenised-up-to", type=int, default=1000, help="largest size also timed re-tokenising")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     lm = load_model("embedded")
     print(f"embedded model, {args.threads} threads; seconds per checkpoint (edits only, no control set)")
-    print(f"{'earlier edits':>14} {'before':>8} {'now: 1st':>9} {'now':>8} {'ratio':>6} "
+    print(f"{'earlier edits':>14} {'re-tok.':>8} {'kept: 1st':>9} {'kept':>8} {'ratio':>6} "
           f"{'sampled K=' + str(args.sample):>16}")
     for n in (int(x) for x in args.sizes.split(",")):
         records = records_for(n)
@@ -65,7 +65,7 @@ def main() -> None:
         # later checkpoints: nobody forgets for the paper criterion's re-test set to stay whole
         tr.paper_forgotten.clear()
         now = tr.check(lm.adapter, n)["seconds"]
-        old = before(lm, records) if n <= args.before_up_to else float("nan")
+        old = retokenised(lm, records) if n <= args.retokenised_up_to else float("nan")
         sampled = ForgettingTracker(sample=args.sample, planned=n)
         for r in records[: n - args.interval]:
             sampled.add(r, greedy_success=True, es_success=True)
