@@ -245,3 +245,16 @@ def test_the_run_command_offers_the_placement_options(run_cli) -> None:
     assert code == 0
     for flag in ("--device-map", "--max-memory", "--offload-folder"):
         assert flag in out
+
+
+def test_facts_on_an_offloaded_model_equal_the_whole_models(run_cli, model_dir: Path, tmp_path: Path) -> None:
+    map_file = tmp_path / "map.json"
+    map_file.write_text(json.dumps(DISK_MAP))
+    code, whole, _ = run_cli("facts", "--model", str(model_dir), "--n", "6", "--json")
+    assert code == 0
+    code, placed, err = run_cli("facts", "--model", str(model_dir), "--n", "6", "--json", "--device-map",
+                                str(map_file))
+    assert code == 0, err
+    assert json.loads(placed) == json.loads(whole)
+    code, _, err = run_cli("skills", "--model", str(model_dir), "--device-map", "nowhere")
+    assert code == 2 and "nowhere" in err

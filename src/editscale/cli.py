@@ -31,6 +31,10 @@ err_console = Console(stderr=True)
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Preset name, hub name or local directory.")]
 DeviceOpt = Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda:0.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON only.")]
+DeviceMapOpt = Annotated[str | None, typer.Option(help="Place the model with accelerate: auto, balanced, "
+                                                       "sequential or a JSON/YAML file (see `run --help`).")]
+MaxMemoryOpt = Annotated[str | None, typer.Option(help="Memory per device for --device-map, e.g. "
+                                                       "0=20GiB,cpu=60GiB.")]
 ProgressOpt = Annotated[bool, typer.Option(help="Show a progress bar.")]
 
 
@@ -150,14 +154,15 @@ def models() -> None:
 def facts(model: ModelOpt = "embedded", n: Annotated[int, typer.Option(help="Records to test.")] = 500,
           dataset: Annotated[str, typer.Option(help="factworld or counterfact.")] = "factworld",
           data_path: Annotated[Path | None, typer.Option(help="Local dataset file or directory.")] = None,
-          device: DeviceOpt = "cpu", as_json: JsonOpt = False) -> None:
+          device: DeviceOpt = "cpu", device_map: DeviceMapOpt = None, max_memory: MaxMemoryOpt = None,
+          as_json: JsonOpt = False) -> None:
     """How many facts the model knows: true object preferred over the counterfactual one."""
     from editscale.data.registry import load_records
     from editscale.eval.knowledge import knowledge_scores
     from editscale.models.loading import load_model
 
     records = load_records(dataset, data_path=data_path, limit=n)  # cheap checks before the model loads
-    loaded = load_model(model, device=device)
+    loaded = load_model(model, device=device, device_map=device_map, max_memory=max_memory)
     scores = knowledge_scores(loaded.adapter, records)
     scores = {"model": model, "dataset": dataset, **scores}
     if as_json:
@@ -181,14 +186,15 @@ def skills(model: ModelOpt = "embedded",
            glue_dir: Annotated[Path | None, typer.Option(help="Folder of the GLUE subsets (<task>.jsonl); "
                                                               "else built with `datasets`.")] = None,
            naive: Annotated[bool, typer.Option(help="One full pass per example (no shared-prefix cache).")] = False,
-           device: DeviceOpt = "cpu", as_json: JsonOpt = False) -> None:
+           device: DeviceOpt = "cpu", device_map: DeviceMapOpt = None, max_memory: MaxMemoryOpt = None,
+           as_json: JsonOpt = False) -> None:
     """Few-shot F1 of downstream tasks in the paper's templates; --model may be a run directory."""
     from editscale.eval.downstream.suite import DownstreamSuite, default_tasks
     from editscale.run.checkpoint import load_run_model
 
     if mode not in ("paper", "logprob"):
         raise EditscaleError(f"--mode must be paper or logprob, got '{mode}'")
-    loaded, label = load_run_model(model, device=device)
+    loaded, label = load_run_model(model, device=device, device_map=device_map, max_memory=max_memory)
     names = [t.strip() for t in tasks.split(",") if t.strip()] or list(default_tasks(loaded.name))
     suite = DownstreamSuite(names, mode=mode, n=n, data_dir=glue_dir, fast=not naive)  # type: ignore[arg-type]
     res = suite.evaluate(loaded.model, loaded.tokenizer)
