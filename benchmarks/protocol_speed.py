@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
 import pstats
 import shutil
 import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -60,8 +61,7 @@ from editscale.eval.proficiency import EditScores, edit_scores
 from editscale.methods.base import Editor, EditRequest, apply_result, get_method, resolve_method_config
 from editscale.methods.rome import editor as rome_editor
 from editscale.methods.solver.context import EditContext
-from editscale.methods.solver.keys import fill
-from editscale.methods.solver.targets import EARLY_STOP_LOSS, KL_PROMPT, TargetValue
+from editscale.methods.solver.targets import optimize_target
 from editscale.models.adapter import ModelAdapter
 
 COUNTERFACT_FILE = SHARED_DIR / "data/counterfact/counterfact_subset.json"
@@ -107,63 +107,6 @@ def downstream(n: int) -> tuple[DownstreamSuite, str]:
 
 
 # ---------------------------------------------------------------------- the paper's way
-
-
-def paper_optimize_target(adapter: ModelAdapter, layer: int, prompt: str, subject: str, target: str,
-                          templates: Sequence[str], *, site: str = "mlp", steps: int = 20, lr: float = 0.5,
-                          weight_decay: float = 0.5, clamp_norm_factor: float = 4.0, kl_factor: float = 0.0625,
-                          fact_token: str = "subject_last", loss_layer: int | None = None) -> TargetValue:
-    """editscale's `optimize_target` computed as the reference's compute_v does: the model's full
-    logits at every position of every row, log-softmaxed everywhere, then the scored cells read."""
-    if loss_layer not in (None, adapter.n_layers - 1):
-        raise ValueError("the paper's way is reproduced for the last block's logits only")
-    target_ids = adapter.target_ids(target)
-    n_target = len(target_ids)
-    all_prompts = [fill(t, prompt) for t in templates] + [KL_PROMPT]
-    n_rw = len(all_prompts) - 1
-    prompt_rows = adapter.tokenizer([p.format(subject) for p in all_prompts])["input_ids"]
-    rows = [list(r) + (target_ids[:-1] if i < n_rw else []) for i, r in enumerate(prompt_rows)]
-    batch = adapter.pad(rows)
-    lookup = adapter.subject_token_indices(all_prompts, [subject] * len(all_prompts), fact_token)
-    lengths = [len(r) for r in rows]
-    row_idx = torch.tensor([i for i in range(n_rw) for _ in range(n_target)])
-    pos_idx = torch.tensor([lengths[i] - n_target + j for i in range(n_rw) for j in range(n_target)])
-    label_ids = torch.tensor(target_ids * n_rw)
-    delta = torch.zeros(adapter.d_model, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=lr)
-    kl_init = v0 = None
-    loss_first = loss_val = nll_val = kl_val = prob_new = float("nan")
-    n_steps = 0
-    for it in range(steps):
-        with adapter.record(site, layer, lookup) as rec, adapter.intervene(site, layer, lookup, delta):
-            logits = adapter.model(**batch, use_cache=False).logits
-        if v0 is None:
-            v0 = rec.last[0].detach().clone()
-        log_probs = torch.log_softmax(logits.float(), dim=2)  # every position, as the reference
-        token_lp = log_probs[row_idx, pos_idx, label_ids].view(n_rw, n_target)
-        nll = -(token_lp.mean(dim=1)).mean()
-        kl_lp = log_probs[n_rw, lookup[n_rw]]
-        if kl_init is None:
-            kl_init = kl_lp.detach().clone()
-        kl = kl_factor * torch.sum(kl_lp.exp() * (kl_lp - kl_init))
-        loss = nll + kl + weight_decay * delta.norm() / (v0.norm() ** 2)
-        loss_val, nll_val, kl_val = loss.item(), nll.item(), kl.item()
-        prob_new = token_lp.detach().exp().mean().item()
-        loss_first = loss_val if it == 0 else loss_first
-        if loss_val < EARLY_STOP_LOSS or it == steps - 1:
-            break
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        n_steps += 1
-        with torch.no_grad():
-            max_norm = clamp_norm_factor * v0.norm()
-            if delta.norm() > max_norm:
-                delta.mul_(max_norm / delta.norm())
-    assert v0 is not None
-    d = delta.detach()
-    return TargetValue(v_star=v0 + d, v0=v0, delta=d, loss_first=loss_first, loss_last=loss_val, nll_last=nll_val,
-                       kl_last=kl_val, steps=n_steps, prob_new=prob_new)
 
 
 @torch.no_grad()
@@ -266,7 +209,9 @@ def run(adapter: ModelAdapter, editor: Editor, records: list[EditRecord], suite:
     glue(0)
     for i, r in enumerate(records):
         request = EditRequest.from_record(r)
-        with clock("paper", "editing"), mock.patch.object(rome_editor, "optimize_target", paper_optimize_target):
+        with clock("paper", "editing"), mock.patch.object(rome_editor, "optimize_target",
+                                                                        functools.partial(optimize_target,
+                                                                                          full_logits=True)):
             theirs_delta = editor.compute([request]).deltas
         with clock("editscale", "editing"):
             result = editor.compute([request])

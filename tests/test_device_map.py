@@ -20,6 +20,7 @@ from editscale.errors import EditscaleError
 from editscale.methods.base import EditRequest, EditResult, apply_result, get_method
 from editscale.methods.rome import RomeConfig
 from editscale.methods.solver.context import EditContext
+from editscale.methods.solver.stats import model_fingerprint, second_moment
 from editscale.models.adapter import ModelAdapter, execution_device, input_device
 from editscale.models.loading import load_model, parse_device_map, parse_max_memory
 from editscale.run import runner as runner_module
@@ -63,15 +64,24 @@ def _rome(adapter: ModelAdapter):
     return get_method("rome")(adapter, cfg, ctx)
 
 
+def _disk_map(tmp_path: Path) -> Path:
+    """A device-map file that sends block LAYER to disk and keeps the rest on the CPU."""
+    path = tmp_path / "map.json"
+    path.write_text(json.dumps(DISK_MAP))
+    return path
+
+
+def _disk_placed(model_dir: Path, tmp_path: Path) -> ModelAdapter:
+    return load_model(model_dir, device_map=str(_disk_map(tmp_path)), offload_folder=tmp_path / "offload").adapter
+
+
 def _request() -> EditRequest:
     return EditRequest(case_id=0, prompt="{} plays the", subject="Danielle Darrieux", target_new="violin",
                        target_true="piano")
 
 
 def test_a_rome_edit_of_a_disk_offloaded_layer_matches_the_whole_model(model_dir: Path, tmp_path: Path) -> None:
-    map_file = tmp_path / "map.json"
-    map_file.write_text(json.dumps(DISK_MAP))
-    placed = load_model(model_dir, device_map=str(map_file), offload_folder=tmp_path / "offload").adapter
+    placed = _disk_placed(model_dir, tmp_path)
     whole = load_model(model_dir).adapter
     _assert_offloaded(placed)
     assert placed.mlp_out_offloaded(LAYER) and not placed.mlp_out_offloaded(0) and not whole.mlp_out_offloaded(LAYER)
@@ -130,11 +140,7 @@ def _check_writes(placed: ModelAdapter, whole: ModelAdapter) -> None:
 
 
 def test_statistics_of_an_offloaded_model_are_those_of_the_whole_model(model_dir: Path, tmp_path: Path) -> None:
-    from editscale.methods.solver.stats import model_fingerprint, second_moment
-
-    map_file = tmp_path / "map.json"
-    map_file.write_text(json.dumps(DISK_MAP))
-    placed = load_model(model_dir, device_map=str(map_file), offload_folder=tmp_path / "offload").adapter
+    placed = _disk_placed(model_dir, tmp_path)
     whole = load_model(model_dir).adapter
     _assert_offloaded(placed)
     # the same weights, so the same cache entry; the offloaded values are read from the hook
@@ -146,9 +152,7 @@ def test_statistics_of_an_offloaded_model_are_those_of_the_whole_model(model_dir
 
 
 def test_ft_c_refuses_an_offloaded_layer_in_one_line(model_dir: Path, tmp_path: Path) -> None:
-    map_file = tmp_path / "map.json"
-    map_file.write_text(json.dumps(DISK_MAP))
-    placed = load_model(model_dir, device_map=str(map_file), offload_folder=tmp_path / "offload").adapter
+    placed = _disk_placed(model_dir, tmp_path)
     cls = get_method("ft-c")
     editor = cls(placed, cls.config_class.parse({"layers": [LAYER]}), EditContext("tiny", progress=False))
     with pytest.raises(EditscaleError, match="offloaded") as err:
@@ -248,8 +252,7 @@ def test_the_run_command_offers_the_placement_options(run_cli) -> None:
 
 
 def test_facts_on_an_offloaded_model_equal_the_whole_models(run_cli, model_dir: Path, tmp_path: Path) -> None:
-    map_file = tmp_path / "map.json"
-    map_file.write_text(json.dumps(DISK_MAP))
+    map_file = _disk_map(tmp_path)
     code, whole, _ = run_cli("facts", "--model", str(model_dir), "--n", "6", "--json")
     assert code == 0
     code, placed, err = run_cli("facts", "--model", str(model_dir), "--n", "6", "--json", "--device-map",

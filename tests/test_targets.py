@@ -54,6 +54,17 @@ def test_an_earlier_loss_layer_is_honoured(adapter: ModelAdapter, site: str) -> 
     assert b.loss_first == pytest.approx(float(nll), rel=1e-5)
 
 
+def test_full_logits_give_the_same_target_the_reference_way(adapter: ModelAdapter) -> None:
+    fast = target(adapter, 0, None)
+    full = optimize_target(adapter, 0, "{} plays the", "Danielle Darrieux", "violin", TEMPLATES, steps=5,
+                           full_logits=True)
+    torch.testing.assert_close(full.v_star, fast.v_star, rtol=1e-5, atol=1e-6)
+    assert full.steps == fast.steps and full.loss_last == pytest.approx(fast.loss_last, rel=1e-5)
+    with pytest.raises(EditscaleError, match="full_logits"):
+        optimize_target(adapter, 1, "{} plays the", "Danielle Darrieux", "violin", TEMPLATES, steps=1,
+                        loss_layer=0, full_logits=True)
+
+
 def test_a_loss_layer_before_the_edit_is_refused(adapter: ModelAdapter) -> None:
     with pytest.raises(EditscaleError, match="v_loss_layer 0 must lie between the edited layer 1"):
         target(adapter, 1, 0)

@@ -405,24 +405,26 @@ def retest(run_dir: Annotated[Path, typer.Argument(help="The run directory.")],
     """Re-apply disabling candidates (or chosen edits) as the FIRST edit of the unedited model, beside
     as many normal edits, and say whether each disables the model by itself (the paper's Table 2)."""
     from editscale.analysis.phases import analyze as analyze_run
-    from editscale.analysis.phases import update_sizes, updates
+    from editscale.analysis.phases import update_sizes
     from editscale.analysis.rundata import load_run
+    from editscale.report.html import retest_rows
     from editscale.run.retest import retest as retest_run
     from editscale.run.store import RunStore
+    from editscale.run.summary import updates
 
     _existing_runs([run_dir])
+    run = load_run(run_dir)
     if edits is not None:
         try:
             chosen = [int(x) for x in edits.split(",") if x.strip()]
         except ValueError as err:
             raise EditscaleError(f"--edits expects edit indices such as 12,40; got '{edits}'") from err
     else:
-        run = load_run(run_dir)
         saved = RunStore(run_dir).read_json("analysis.json") or {}
         # the thresholds `editscale analyze` was last given for this run, if any
         chosen = [c["index"] for c in analyze_run(run, PhaseRule(**saved.get("rule", {})))["candidates"]]
     if largest:
-        units = updates(load_run(run_dir).edits)
+        units = updates(run.edits)
         sizes = update_sizes(units)
         top = sorted(range(len(units)), key=lambda u: -sizes[u])[:largest]
         chosen += [units[u][0]["index"] for u in sorted(top)]
@@ -435,11 +437,8 @@ def retest(run_dir: Annotated[Path, typer.Argument(help="The run directory.")],
     if as_json:
         _emit_json(rows)
         return
-    from editscale.analysis.rundata import load_run as reload
-    from editscale.report.html import retest_rows
-
     method_name = next((r["method"] for r in rows if r["method"]), method)
-    shown = [r for r in retest_rows(reload(run_dir)) if r["method"] == method_name]
+    shown = [r for r in retest_rows(load_run(run_dir)) if r["method"] == method_name]  # with the new rows
     t = Table(title=f"Re-tested as the first edit of the unedited model ({method_name})")
     for col in ("kind", "edit", "subject", "distance (first edit)", "distance in the run", "ES", "control",
                 "text loss", "verdict"):

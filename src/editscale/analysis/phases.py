@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from editscale.run.summary import updates
+
 if TYPE_CHECKING:  # the CLI builds its options from PhaseRule without loading the results store
     from editscale.analysis.rundata import RunData
 
@@ -58,19 +60,6 @@ class Phases:
     reason: str = ""
 
 
-def updates(edits: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """The rows of the run's successful edits grouped by update: one edit each, or one batch each."""
-    out: list[list[dict[str, Any]]] = []
-    for r in edits:
-        if r.get("status") != "ok":
-            continue
-        if out and r.get("batch", r["index"]) == out[-1][0].get("batch", out[-1][0]["index"]):
-            out[-1].append(r)
-        else:
-            out.append([r])
-    return out
-
-
 def max_distance(row: dict[str, Any], key: str = "dist") -> float:
     return max(d[key] for d in row["drift"].values())
 
@@ -94,10 +83,13 @@ def _before(sizes: Sequence[float], u: int, rule: PhaseRule) -> Sequence[float]:
 
 def find_phases(edits: Sequence[dict[str, Any]], forgetting: Sequence[dict[str, Any]] = (),
                 rule: PhaseRule | None = None) -> Phases:
-    rule = rule or PhaseRule()
     units = updates(edits)
+    return _phases(units, update_sizes(units), forgetting, rule or PhaseRule())
+
+
+def _phases(units: Sequence[Sequence[dict[str, Any]]], sizes: Sequence[float], forgetting: Sequence[dict[str, Any]],
+            rule: PhaseRule) -> Phases:
     n = (units[-1][-1]["index"] + 1) if units else 0
-    sizes = update_sizes(units)
     cand_units = [u for u in range(rule.warmup, len(units))
                   if sizes[u] >= rule.jump_factor * statistics.median(_before(sizes, u, rule))]
     candidates = [units[u][0]["index"] for u in cand_units]
@@ -154,9 +146,9 @@ def analyze(run: RunData, rule: PhaseRule | None = None) -> dict[str, Any]:
     against the median before it, the distance before and after, ES of the following edits,
     control-fact recall, downstream F1 and the health probe's loss at the checkpoints around it."""
     rule = rule or PhaseRule()
-    phases = find_phases(run.edits, run.forgetting, rule)
     units = updates(run.edits)
     sizes = update_sizes(units)
+    phases = _phases(units, sizes, run.forgetting, rule)
     first_of = {unit[0]["index"]: u for u, unit in enumerate(units)}
     cands = []
     for c in phases.candidates:

@@ -6,12 +6,13 @@ same way as a finished one (its rows so far; the summary computed from them).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from editscale.errors import EditscaleError
-from editscale.run.config import RunConfig, load_config
+from editscale.run.config import RunConfig, load_config_and_versions
 from editscale.run.store import RunStore
 from editscale.run.summary import summarize
 
@@ -53,8 +54,6 @@ class RunData:
         """Runs whose configs differ only in their sample (or seed) share a group: the figures draw
         their mean and spread. Any other difference (edits, intervals, hyper-parameters) keeps
         runs apart."""
-        import json
-
         return json.dumps({k: v for k, v in self.config.identity().items() if k not in ("sample", "seed")},
                           sort_keys=True, default=str)
 
@@ -64,13 +63,10 @@ def load_run(path: Path | str) -> RunData:
     if not (path / "config.yaml").exists():
         raise EditscaleError(f"{path} holds no run (no config.yaml)")
     store = RunStore(path)
-    cfg = load_config(path / "config.yaml")
-    import yaml
-
-    doc = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    cfg, versions = load_config_and_versions(path / "config.yaml")
     summary = store.read_json("summary.json")
     finished = summary is not None
     return RunData(path=path, config=cfg, edits=store.rows("edits"), forgetting=store.rows("forgetting"),
                    downstream=store.rows("downstream"), health=store.rows("health"),
                    retest=store.rows("retest"), summary=summary or summarize(store, cfg), finished=finished,
-                   versions=doc.get("versions") or {})
+                   versions=versions)

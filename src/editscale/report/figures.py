@@ -41,7 +41,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from editscale.analysis.phases import updates
+from editscale.run.summary import updates
 
 if TYPE_CHECKING:  # importing this module should not load torch (the CLI imports it to list the figures)
     from editscale.analysis.rundata import RunData

@@ -172,9 +172,14 @@ def read_config_file(path: Path | str) -> dict[str, Any]:
 
 def load_config(path: Path) -> RunConfig:
     """A run directory's config.yaml."""
+    return load_config_and_versions(path)[0]
+
+
+def load_config_and_versions(path: Path) -> tuple[RunConfig, dict[str, str]]:
+    """A run directory's config.yaml: the config and the package versions it was run with."""
     if not path.exists():
         raise EditscaleError(f"cannot read {path}: no such file")
     doc = read_yaml_mapping(path, "run config")
     if "run" not in doc:
         raise EditscaleError(f"{path} is not an editscale run config")
-    return RunConfig.parse(doc["run"], source=str(path))
+    return RunConfig.parse(doc["run"], source=str(path)), dict(doc.get("versions") or {})

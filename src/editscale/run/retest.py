@@ -36,19 +36,7 @@ from editscale.models.loading import load_model, model_key
 from editscale.run.config import RetestRule, RunConfig, load_config, resolve_config
 from editscale.run.runner import build_editor, downstream_row, downstream_suite
 from editscale.run.store import RunStore
-
-
-def _units(rows: Sequence[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
-    """The run's successful updates by their first edit index (a batch is one update)."""
-    out: dict[int, list[dict[str, Any]]] = {}
-    first_of_batch: dict[Any, int] = {}
-    for r in rows:
-        if r.get("status") != "ok":
-            continue
-        key = r.get("batch", r["index"])
-        first = first_of_batch.setdefault(key, r["index"])
-        out.setdefault(first, []).append(r)
-    return out
+from editscale.run.summary import updates
 
 
 def _verdict(row: dict[str, Any], base: dict[str, Any], rule: RetestRule) -> list[str]:
@@ -86,7 +74,7 @@ def retest(out: str, edits: Sequence[int], *, baseline: int | None = None, seed:
     # rows are keyed by this label, so a re-test with other hyper-parameters is kept apart
     label = cfg.method + "".join(f" {k}={v}" for k, v in sorted((method_config or {}).items()))
 
-    units = _units(store.iter_rows("edits"))
+    units = {unit[0]["index"]: unit for unit in updates(store.iter_rows("edits"))}  # by first edit index
     by_edit = {r["index"]: first for first, unit in units.items() for r in unit}
     missing = [i for i in edits if i not in by_edit]
     if missing:

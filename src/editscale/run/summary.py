@@ -3,10 +3,24 @@ of a running or killed one so far."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from editscale.run.config import RunConfig
 from editscale.run.store import RunStore
+
+
+def updates(edits: Iterable[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The rows of a run's successful edits grouped by update: one edit each, or one batch each."""
+    out: list[list[dict[str, Any]]] = []
+    for r in edits:
+        if r.get("status") != "ok":
+            continue
+        if out and r.get("batch", r["index"]) == out[-1][0].get("batch", out[-1][0]["index"]):
+            out[-1].append(r)
+        else:
+            out.append([r])
+    return out
 
 
 def summarize(store: RunStore, cfg: RunConfig) -> dict[str, Any]:

@@ -39,9 +39,17 @@ class TargetValue:
 def optimize_target(adapter: ModelAdapter, layer: int, prompt: str, subject: str, target: str,
                     templates: Sequence[str], *, site: str = "mlp", steps: int = 20, lr: float = 0.5,
                     weight_decay: float = 0.5, clamp_norm_factor: float = 4.0, kl_factor: float = 0.0625,
-                    fact_token: str = "subject_last", loss_layer: int | None = None) -> TargetValue:
+                    fact_token: str = "subject_last", loss_layer: int | None = None,
+                    full_logits: bool = False) -> TargetValue:
     """The target value for one request; `loss_layer` is the block whose output (through the final
-    norm and the unembedding) the loss is read from, None or the last block for the model's logits."""
+    norm and the unembedding) the loss is read from, None or the last block for the model's logits.
+
+    `full_logits` computes the same values as the reference's compute_v does (ROME `compute_v.py`):
+    the model's logits at every position, log-softmaxed everywhere, then the scored cells read. It
+    costs a vocabulary projection per position and exists so benchmarks can time the reference's
+    way (`benchmarks/protocol_speed.py`)."""
+    if full_logits and loss_layer not in (None, adapter.n_layers - 1):
+        raise EditscaleError("full_logits reads the model's own logits: it takes no v_loss_layer")
     if loss_layer is not None:
         if not layer <= loss_layer < adapter.n_layers:
             raise EditscaleError(f"v_loss_layer {loss_layer} must lie between the edited layer {layer} and the "
@@ -75,7 +83,7 @@ def optimize_target(adapter: ModelAdapter, layer: int, prompt: str, subject: str
     try:
         return _optimize(adapter, layer, site, batch, lookup, row_idx, pos_idx, label_ids, n_rw, n_target,
                          loss_layer=loss_layer, steps=steps, lr=lr, weight_decay=weight_decay,
-                         clamp_norm_factor=clamp_norm_factor, kl_factor=kl_factor)
+                         clamp_norm_factor=clamp_norm_factor, kl_factor=kl_factor, full_logits=full_logits)
     finally:
         for p in was_trainable:
             p.requires_grad_(True)
@@ -84,7 +92,7 @@ def optimize_target(adapter: ModelAdapter, layer: int, prompt: str, subject: str
 def _optimize(adapter: ModelAdapter, layer: int, site: str, batch: dict[str, torch.Tensor], lookup: list[int],
               row_idx: torch.Tensor, pos_idx: torch.Tensor, label_ids: torch.Tensor, n_rw: int, n_target: int, *,
               loss_layer: int | None, steps: int, lr: float, weight_decay: float, clamp_norm_factor: float,
-              kl_factor: float) -> TargetValue:
+              kl_factor: float, full_logits: bool = False) -> TargetValue:
     delta = torch.zeros(adapter.d_model, dtype=torch.float32, device=adapter.device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=lr)
     kl_init: torch.Tensor | None = None
@@ -93,12 +101,19 @@ def _optimize(adapter: ModelAdapter, layer: int, site: str, batch: dict[str, tor
     n_steps = 0
     for it in range(steps):
         with adapter.record(site, layer, lookup) as rec, adapter.intervene(site, layer, lookup, delta):
-            hidden = adapter.final_hidden(batch) if loss_layer is None else adapter.block_hidden(batch, loss_layer)
+            if full_logits:
+                every = torch.log_softmax(adapter.model(**batch, use_cache=False).logits.float(), dim=-1)
+            else:
+                hidden = adapter.final_hidden(batch) if loss_layer is None else adapter.block_hidden(batch,
+                                                                                                     loss_layer)
         if v0 is None:
             v0 = rec.last[0].detach().clone()
-        # only the scored positions go through the output head: the target positions, then the KL one
-        picked = torch.cat([hidden[row_idx, pos_idx], hidden[n_rw, lookup[n_rw]].unsqueeze(0)])
-        log_probs = torch.log_softmax(adapter.unembed(picked).float(), dim=-1)
+        if full_logits:
+            log_probs = torch.cat([every[row_idx, pos_idx], every[n_rw, lookup[n_rw]].unsqueeze(0)])
+        else:
+            # only the scored positions go through the output head: the target positions, then the KL one
+            picked = torch.cat([hidden[row_idx, pos_idx], hidden[n_rw, lookup[n_rw]].unsqueeze(0)])
+            log_probs = torch.log_softmax(adapter.unembed(picked).float(), dim=-1)
         token_lp = log_probs[torch.arange(len(label_ids), device=adapter.device), label_ids].view(n_rw, n_target)
         nll = -(token_lp.mean(dim=1)).mean()
         kl_lp = log_probs[-1]
