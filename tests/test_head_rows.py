@@ -162,11 +162,11 @@ def test_fewshot_fast_projects_one_row_per_example_and_step(model_type):
 
 
 def test_length_batches_keep_short_rows_apart_from_long_ones():
-    from editscale.eval.scoring import _length_batches
+    from editscale.eval.scoring import length_batches
 
     lengths = [40, 38, 10, 9, 9, 8, 8, 8, 7, 7, 7, 6, 6]  # sorted, as score_continuations passes them
-    assert _length_batches(lengths, 64) == [(0, 2), (2, 13)]
-    spans = _length_batches([10] * 200, 64)
+    assert length_batches(lengths, 64) == [(0, 2), (2, 13)]
+    spans = length_batches([10] * 200, 64)
     assert spans[0][0] == 0 and spans[-1][1] == 200
     assert all(b - a <= 64 and a < b for a, b in spans) and all(x[1] == y[0] for x, y in zip(spans, spans[1:]))
-    assert _length_batches([], 8) == []
+    assert length_batches([], 8) == []

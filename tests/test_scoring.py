@@ -76,6 +76,30 @@ def test_score_continuations_matches_naive(model):
                 assert s.greedy_match == (argmax == target)
 
 
+def test_rows_that_begin_another_are_read_off_it_and_each_cell_goes_through_the_head_once(model):
+    g = torch.Generator().manual_seed(3)
+    v = model.config.vocab_size
+    prompts = [torch.randint(1, v, (n,), generator=g).tolist() for n in (6, 9, 4)]
+    one, two, three = [11], [14, 15], [14, 15, 16]
+    # each prompt against targets that begin one another (a CounterFact pair with a one-token target is
+    # the common case), a duplicate row, and a row whose prompt is another's plus a target's first token
+    rows = [(p, t) for p in prompts for t in (one, two, three)] + [(prompts[0], two), (prompts[1] + three[:1], [3])]
+    fed, heads = [], []
+    hook = model.transformer.h[0].register_forward_hook(lambda m, a, o: fed.append(a[0].shape[0]))
+    original = model.lm_head.forward
+    model.lm_head.forward = lambda x: (heads.append(x.numel() // x.shape[-1]), original(x))[1]
+    try:
+        got = score_continuations(model, rows, pad_id=0)
+    finally:
+        hook.remove()
+        model.lm_head.forward = original
+    assert sum(fed) == len(prompts)  # one row per prompt: its longest fed target serves the others
+    assert sum(heads) == 3 * len(prompts)  # the positions after the prompt's last token and the 14 and 15
+    for (prefix, target), s in zip(rows, got):
+        mean, total, argmax = naive_score(model, prefix, target)
+        assert s.mean_nll == pytest.approx(mean, abs=1e-5) and list(s.argmax_ids) == argmax
+
+
 def test_greedy_match_is_true_only_for_the_teacher_forced_argmax(model):
     prefix = [5, 17, 42, 8]
     target = naive_greedy(model, prefix, 3)  # greedy continuation = teacher-forced argmax at every step

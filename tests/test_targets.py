@@ -10,7 +10,7 @@ from editscale.errors import EditscaleError
 from editscale.methods.rome import RomeConfig
 from editscale.methods.solver.targets import optimize_target
 from editscale.models.adapter import ModelAdapter
-from tiny_models import byte_bpe_tokenizer, tiny_model
+from tiny_models import byte_bpe_tokenizer, tiny_model, tokenizer_for
 
 TEMPLATES = ["{}", "Paris is nice. {}"]
 
@@ -75,3 +75,30 @@ def test_a_loss_layer_before_the_edit_is_refused(adapter: ModelAdapter) -> None:
 def test_the_config_passes_it_on() -> None:
     assert RomeConfig(layers=[1], v_loss_layer=3).target_options()["loss_layer"] == 3
     assert RomeConfig(layers=[1]).target_options()["loss_layer"] is None
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "gptj", "gpt_neox", "llama", "qwen2"])
+@pytest.mark.parametrize("site", ["mlp", "block"])
+def test_each_step_runs_only_the_rows_from_the_subject_on_with_the_same_result(model_type: str, site: str) -> None:
+    # "{}" puts the subject first (an empty prefix for BPE rows); the long template pads the others
+    tok = tokenizer_for(model_type)
+    adapter = ModelAdapter(tiny_model(model_type, len(tok)), tok)
+    templates = ["{}", "Paris is nice and the weather is good today. {}", "Hi. {}"]
+    kwargs = dict(site=site, steps=4, templates=templates)
+    for prompt, subject in (("{} plays the", "Danielle Darrieux"), ("The instrument of {}, is", "Danielle")):
+        widths: dict[bool, list[int]] = {True: [], False: []}
+        for full_logits in (True, False):
+            hook = adapter.module("block", 1).register_forward_hook(
+                lambda m, a, o, seen=widths[full_logits]: seen.append(a[0].shape[1]))
+            try:
+                out = optimize_target(adapter, 0, prompt, subject, "violin", full_logits=full_logits, **kwargs)
+            finally:
+                hook.remove()
+            if full_logits:
+                full = out
+        torch.testing.assert_close(out.v_star, full.v_star, rtol=1e-5, atol=1e-6)
+        assert out.steps == full.steps and out.loss_last == pytest.approx(full.loss_last, rel=1e-5)
+        # one pass over the prefixes, then every step over the suffixes only: fewer columns than whole rows
+        prefix, *steps = widths[False]
+        assert len(steps) == len(widths[True]) == full.steps + 1
+        assert len(set(steps)) == 1 and steps[0] < widths[True][0] and prefix > 0

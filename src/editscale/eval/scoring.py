@@ -74,50 +74,85 @@ def score_continuations(model: torch.nn.Module, rows: Sequence[tuple[Sequence[in
                         *, pad_id: int, batch_size: int = 64, in_order: bool = False) -> list[ContinuationScore]:
     """Score each ``(prefix_ids, target_ids)`` row; right padding, so positions need no shifting.
 
-    Rows are run longest first, in batches of similar length (`_length_batches`); the scores come
-    back in the given order. `in_order`: run them as given, `batch_size` at a time, for a caller
-    whose hooks address the rows of a batch by their place in it (`eval/locate.py`)."""
+    A row feeds its prefix and every target token but the last (the last is predicted, never read).
+    Attention is causal, so a row whose fed tokens begin another row's is read off that longer row:
+    a prompt scored against two targets runs once, and a one-token target costs no row of its own.
+    Each distinct (row, position) goes through the head once, however many targets read it. Rows run
+    longest first, in batches of similar length (`length_batches`); the scores come back in the
+    given order. `in_order`: every row runs as given, `batch_size` at a time, for a caller whose
+    hooks address the rows of a batch by their place in it (`eval/locate.py`)."""
     device = input_device(model)
     head = HeadRows(model)
+    fed = [tuple(p) + tuple(t[:-1]) for p, t in rows]
     if in_order:
-        order = list(range(len(rows)))
+        carriers, carrier_of = fed, list(range(len(rows)))
         batches = [(i, min(i + batch_size, len(rows))) for i in range(0, len(rows), batch_size)]
     else:
-        order = sorted(range(len(rows)), key=lambda i: -(len(rows[i][0]) + len(rows[i][1])))
-        batches = _length_batches([len(rows[i][0]) + len(rows[i][1]) for i in order], batch_size)
-    scored: list[ContinuationScore] = []
-    for start, stop in batches:
-        chunk = [rows[i] for i in order[start:stop]]
-        ids, mask = _pad_right([list(p) + list(t) for p, t in chunk], pad_id, device)
-        # Only the scored positions go through the head and the softmax: the vocabulary projection
-        # at all other positions, and a Python loop of small ops per row, would cost more than the body.
-        row_idx = torch.as_tensor([i for i, (_, t) in enumerate(chunk) for _ in t], dtype=torch.long)
-        pos_idx = torch.as_tensor([len(p) - 1 + j for p, t in chunk for j in range(len(t))], dtype=torch.long)
-        tgt = torch.as_tensor([x for _, t in chunk for x in t], dtype=torch.long)
-        picked = head(row_idx, pos_idx, input_ids=ids, attention_mask=mask, use_cache=False).float()
-        tgt = tgt.to(picked.device)
-        token_lp = torch.log_softmax(picked, dim=-1).gather(1, tgt[:, None]).squeeze(1).tolist()
-        argmax = picked.argmax(dim=-1).tolist()
-        targets = tgt.tolist()
-        k = 0
-        for _, target in chunk:
-            n = len(target)
-            lp, am = token_lp[k:k + n], argmax[k:k + n]
-            scored.append(ContinuationScore(mean_nll=-sum(lp) / n, sum_nll=-sum(lp),
-                                            greedy_match=am == targets[k:k + n], argmax_ids=tuple(am)))
-            k += n
+        carriers, carrier_of = _carrier_rows(fed)
+        order = sorted(range(len(carriers)), key=lambda c: -len(carriers[c]))
+        rank = {c: k for k, c in enumerate(order)}
+        carriers, carrier_of = [carriers[c] for c in order], [rank[c] for c in carrier_of]
+        batches = length_batches([len(c) for c in carriers], batch_size)
+    readers: list[list[int]] = [[] for _ in carriers]  # the rows each carrier serves
+    for r, c in enumerate(carrier_of):
+        readers[c].append(r)
     out: list[ContinuationScore | None] = [None] * len(rows)
-    for i, score in zip(order, scored):
-        out[i] = score
+    for start, stop in batches:
+        ids, mask = _pad_right(carriers[start:stop], pad_id, device)
+        # Only the read cells go through the head and the softmax: the vocabulary projection at all
+        # other positions, and a Python loop of small ops per row, would cost more than the body.
+        cell: dict[tuple[int, int], int] = {}  # (row in batch, position) -> index of its head row
+        wanted: list[tuple[int, int, int]] = []  # (scored row, cell index, target token)
+        for b in range(stop - start):
+            for r in readers[start + b]:
+                prefix, target = rows[r]
+                for j, token in enumerate(target):
+                    key = (b, len(prefix) - 1 + j)
+                    wanted.append((r, cell.setdefault(key, len(cell)), token))
+        keys = list(cell)
+        picked = head(torch.as_tensor([b for b, _ in keys], dtype=torch.long),
+                      torch.as_tensor([q for _, q in keys], dtype=torch.long),
+                      input_ids=ids, attention_mask=mask, use_cache=False).float()
+        log_probs = torch.log_softmax(picked, dim=-1)
+        at = torch.as_tensor([k for _, k, _ in wanted], dtype=torch.long, device=picked.device)
+        tokens = torch.as_tensor([t for _, _, t in wanted], dtype=torch.long, device=picked.device)
+        token_lp = log_probs[at, tokens].tolist()
+        argmax = picked.argmax(dim=-1)[at].tolist()
+        k = 0
+        while k < len(wanted):
+            r = wanted[k][0]
+            n = len(rows[r][1])
+            lp, am = token_lp[k:k + n], argmax[k:k + n]
+            out[r] = ContinuationScore(mean_nll=-sum(lp) / n, sum_nll=-sum(lp), greedy_match=am == list(rows[r][1]),
+                                       argmax_ids=tuple(am))
+            k += n
     return out  # type: ignore[return-value]  # every slot filled
 
 
-# A forward call's fixed cost in padded token positions, against which `_length_batches` weighs the
+def _carrier_rows(fed: Sequence[tuple[int, ...]]) -> tuple[list[tuple[int, ...]], list[int]]:
+    """The rows to run, none a prefix of another, and for each fed row the index of the one that holds it.
+
+    In sorted order a sequence that begins another also begins the one right after it, so one
+    backward sweep maps every sequence to the longest one it begins.
+    """
+    unique = sorted(set(fed))
+    holder = list(range(len(unique)))
+    for i in range(len(unique) - 2, -1, -1):
+        nxt = unique[i + 1]
+        if nxt[:len(unique[i])] == unique[i]:
+            holder[i] = holder[i + 1]
+    kept = sorted(set(holder))
+    place = {h: k for k, h in enumerate(kept)}
+    index = {u: place[h] for u, h in zip(unique, holder, strict=True)}
+    return [unique[h] for h in kept], [index[f] for f in fed]
+
+
+# A forward call's fixed cost in padded token positions, against which `length_batches` weighs the
 # padding a longer batch would carry.
 _CALL_COST = 64
 
 
-def _length_batches(lengths: Sequence[int], batch_size: int) -> list[tuple[int, int]]:
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[tuple[int, int]]:
     """Split rows sorted by decreasing length into batches of at most `batch_size` that minimise the
     padded positions run plus `_CALL_COST` per call (dynamic programming over the cut points).
 

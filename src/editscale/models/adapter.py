@@ -452,13 +452,18 @@ class ModelAdapter:
                                     use_cache=False)
         return out[0]
 
-    def block_hidden(self, inputs: Inputs, layer: int) -> torch.Tensor:
+    def block_hidden(self, inputs: Inputs | None, layer: int, **forward_kwargs: Any) -> torch.Tensor:
         """Block `layer`'s output [batch, seq, d_model] through the final norm; gradients flow.
 
         With `unembed` this reads the model's prediction off an earlier block (MEMIT's v_loss_layer);
-        for the last block it equals `final_hidden`. Later blocks are not run.
+        for the last block it equals `final_hidden`. Later blocks are not run. Without `inputs`, the
+        forward pass takes `forward_kwargs` alone (masks, positions, a cache), as `hidden_before_head`.
         """
-        batch = self._batch(inputs)
+        kwargs: dict[str, Any] = {}
+        if inputs is not None:
+            batch = self._batch(inputs)
+            kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+        kwargs.update(forward_kwargs)
         captured: dict[str, torch.Tensor] = {}
 
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
@@ -467,7 +472,7 @@ class ModelAdapter:
 
         handle = self.module("block", layer).register_forward_hook(hook)
         try:
-            self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            self.model(**kwargs)
         except _StopForward:
             pass
         finally:

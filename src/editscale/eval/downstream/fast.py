@@ -16,7 +16,6 @@ token gets its true position explicitly (P + L_i + step), so absolute (GPT-2) an
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,10 +33,9 @@ from editscale.eval.downstream.fewshot import (
     paper_result,
     prompt_token_ids,
 )
-from editscale.eval.scoring import HeadRows
+from editscale.eval.scoring import HeadRows, length_batches
 from editscale.models.adapter import input_device
-
-KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values of shape [batch, heads, seq, head_dim]
+from editscale.models.cache import KV, cache_arg, cache_from, cache_kv
 
 
 @dataclass(frozen=True)
@@ -76,10 +74,6 @@ def prefix_split(fmt: FewShotFormat, demos: Sequence[Example], fields_list: Sequ
     return PrefixSplit(prompts=prompts, ids=ids, prefix=first[:max(n, 0)])
 
 
-def _accepts(model: torch.nn.Module, name: str) -> bool:
-    return name in inspect.signature(model.forward).parameters
-
-
 class _Runner:
     """Forward passes against a key/value cache, across the transformers API versions we support.
 
@@ -90,8 +84,7 @@ class _Runner:
     def __init__(self, model: torch.nn.Module) -> None:
         self.head = HeadRows(model)
         self.device = input_device(model)
-        # transformers 5 renamed the forward argument `past_key_values` to `cache`.
-        self.cache_arg = "cache" if _accepts(model, "cache") else "past_key_values"
+        self.cache_arg = cache_arg(model)
         self.calls = 0
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache,
@@ -106,30 +99,12 @@ class _Runner:
         return self.head(*read, **kwargs)
 
 
-def _cache_kv(cache: DynamicCache) -> KV:
-    if hasattr(cache, "layers"):  # transformers >= 4.56
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    return list(zip(cache.key_cache, cache.value_cache))
-
-
-def _cache_from(kv: KV, batch: int) -> DynamicCache:
-    """A fresh cache holding ``kv`` broadcast to ``batch`` rows.
-
-    The expanded tensors are views; the cache concatenates new keys onto them (a new tensor),
-    so a forward pass on this cache never writes into the shared prefix tensors.
-    """
-    data = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in kv]
-    if hasattr(DynamicCache, "from_legacy_cache"):
-        return DynamicCache.from_legacy_cache(tuple(data))
-    return DynamicCache(data)
-
-
 def _prefix_kv(runner: _Runner, prefix: Sequence[int]) -> KV:
     ids = torch.tensor([list(prefix)], dtype=torch.long, device=runner.device)
     cache = DynamicCache()
     positions = torch.arange(len(prefix), device=runner.device)[None]
     runner.forward(ids, torch.ones_like(ids), positions, cache)  # its logits are never needed
-    return _cache_kv(cache)
+    return cache_kv(cache)
 
 
 @dataclass
@@ -153,7 +128,7 @@ def _run_suffixes(runner: _Runner, prefix_kv: KV, prefix_len: int, suffixes: Seq
     ids, mask = ids.to(device), mask.to(device)
     lengths = torch.tensor([len(s) for s in suffixes], device=device)
     positions = (prefix_len + torch.arange(width, device=device)).expand(b, -1)
-    cache = _cache_from(prefix_kv, b)
+    cache = cache_from(prefix_kv, b)
     # only the logits after each row's last real token are read
     next_logits = runner.forward(ids, mask, positions, cache, read=(torch.arange(b, device=device), lengths - 1))
     assert next_logits is not None
@@ -182,7 +157,7 @@ def _label_logprobs(runner: _Runner, chunk: _Chunk, prefix_len: int, targets: Se
     """Mean per-token log-prob of each row's label targets, teacher-forced after its suffix."""
     device, b = runner.device, len(targets)
     first = torch.log_softmax(chunk.next_logits.float(), dim=-1)
-    suffix_kv = _cache_kv(chunk.cache)  # prefix + suffixes; each label continues from a fresh copy
+    suffix_kv = cache_kv(chunk.cache)  # prefix + suffixes; each label continues from a fresh copy
     scores: list[dict[int, float]] = [{} for _ in range(b)]
     for label in sorted(targets[0]):
         rows = [list(t[label]) for t in targets]
@@ -200,7 +175,7 @@ def _label_logprobs(runner: _Runner, chunk: _Chunk, prefix_len: int, targets: Se
             positions = prefix_len + chunk.lengths[:, None] + torch.arange(extra, device=device)[None]
             read = (torch.tensor([i for i, _ in cells], device=device),
                     torch.tensor([c for _, c in cells], device=device))
-            logits = runner.forward(ids.to(device), mask, positions, _cache_from(suffix_kv, b), read=read)
+            logits = runner.forward(ids.to(device), mask, positions, cache_from(suffix_kv, b), read=read)
             assert logits is not None
             tokens = torch.tensor([tok for r in rows for tok in r[1:]], device=logits.device)
             later_lp = torch.log_softmax(logits.float(), dim=-1).gather(1, tokens[:, None])[:, 0].tolist()
@@ -228,14 +203,20 @@ def evaluate_fewshot_fast(model: torch.nn.Module, tokenizer: Any, fmt: FewShotFo
     prefix_kv = _prefix_kv(runner, split.prefix) if split.prefix_len else []
     suffixes = split.suffixes
     targets = label_targets(tokenizer, fmt, split.prompts, split.ids) if mode == "logprob" else []
-    gens: list[list[int]] = []
-    scores: list[dict[int, float]] = []
-    for start in range(0, len(examples), batch_size):
-        chunk = _run_suffixes(runner, prefix_kv, split.prefix_len, suffixes[start:start + batch_size], pad)
+    gens: list[list[int]] = [[] for _ in examples]
+    scores: list[dict[int, float]] = [{} for _ in examples]
+    # longest suffixes first, in batches of similar length: a padded column costs a full one
+    order = sorted(range(len(examples)), key=lambda i: -len(suffixes[i]))
+    for start, stop in length_batches([len(suffixes[i]) for i in order], batch_size):
+        rows = order[start:stop]
+        chunk = _run_suffixes(runner, prefix_kv, split.prefix_len, [suffixes[i] for i in rows], pad)
         if mode == "paper":
-            gens.extend(_greedy(runner, chunk, split.prefix_len, gen_len))
+            for i, g in zip(rows, _greedy(runner, chunk, split.prefix_len, gen_len), strict=True):
+                gens[i] = g
         else:
-            scores.extend(_label_logprobs(runner, chunk, split.prefix_len, targets[start:start + batch_size], pad))
+            got = _label_logprobs(runner, chunk, split.prefix_len, [targets[i] for i in rows], pad)
+            for i, sc in zip(rows, got, strict=True):
+                scores[i] = sc
     result = (paper_result(tokenizer, fmt, split.prompts, gens, labels) if mode == "paper"
               else logprob_result(fmt, scores, labels))
     stats = {"prefix_len": split.prefix_len, "mean_suffix_len": sum(map(len, suffixes)) / max(len(suffixes), 1),

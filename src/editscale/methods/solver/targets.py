@@ -12,12 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from transformers import DynamicCache
 
 from editscale.errors import EditscaleError
 from editscale.methods.solver.keys import fill
 from editscale.models.adapter import ModelAdapter
+from editscale.models.cache import KV, cache_arg, cache_from, cache_kv
 
 KL_PROMPT = "{} is a"
 EARLY_STOP_LOSS = 5e-2
@@ -66,14 +69,9 @@ def optimize_target(adapter: ModelAdapter, layer: int, prompt: str, subject: str
     # stays right for tokenizers that would merge across the boundary.
     prompt_rows = adapter.tokenizer([p.format(subject) for p in all_prompts], add_special_tokens=True)["input_ids"]
     rows = [list(r) + (target_ids[:-1] if i < n_rw else []) for i, r in enumerate(prompt_rows)]
-    batch = adapter.pad(rows)
     lookup = adapter.subject_token_indices(all_prompts, [subject] * len(all_prompts), fact_token)
-
-    # label positions: the first target token is predicted at the last prompt token
-    lengths = [len(r) for r in rows]
-    row_idx = torch.tensor([i for i in range(n_rw) for _ in range(n_target)], device=adapter.device)
-    pos_idx = torch.tensor([lengths[i] - n_target + j for i in range(n_rw) for j in range(n_target)],
-                           device=adapter.device)
+    # the scored cells: the first target token is predicted at the last prompt token; the KL term last
+    cells = [(i, len(rows[i]) - n_target + j) for i in range(n_rw) for j in range(n_target)] + [(n_rw, lookup[n_rw])]
     label_ids = torch.tensor(target_ids * n_rw, device=adapter.device)
 
     # gradients flow to delta only; parameter flags are restored on the way out
@@ -81,18 +79,86 @@ def optimize_target(adapter: ModelAdapter, layer: int, prompt: str, subject: str
     for p in was_trainable:
         p.requires_grad_(False)
     try:
-        return _optimize(adapter, layer, site, batch, lookup, row_idx, pos_idx, label_ids, n_rw, n_target,
-                         loss_layer=loss_layer, steps=steps, lr=lr, weight_decay=weight_decay,
-                         clamp_norm_factor=clamp_norm_factor, kl_factor=kl_factor, full_logits=full_logits)
+        passes = _FullRows(adapter, rows, lookup, cells) if full_logits else _SuffixRows(adapter, rows, lookup, cells)
+        return _optimize(adapter, layer, site, passes, label_ids, n_rw, n_target, loss_layer=loss_layer, steps=steps,
+                         lr=lr, weight_decay=weight_decay, clamp_norm_factor=clamp_norm_factor, kl_factor=kl_factor,
+                         full_logits=full_logits)
     finally:
         for p in was_trainable:
             p.requires_grad_(True)
 
 
-def _optimize(adapter: ModelAdapter, layer: int, site: str, batch: dict[str, torch.Tensor], lookup: list[int],
-              row_idx: torch.Tensor, pos_idx: torch.Tensor, label_ids: torch.Tensor, n_rw: int, n_target: int, *,
-              loss_layer: int | None, steps: int, lr: float, weight_decay: float, clamp_norm_factor: float,
-              kl_factor: float, full_logits: bool = False) -> TargetValue:
+class _FullRows:
+    """Every pass runs the whole padded rows, as the reference's compute_v does."""
+
+    def __init__(self, adapter: ModelAdapter, rows: list[list[int]], lookup: list[int],
+                 cells: list[tuple[int, int]]) -> None:
+        self.batch = adapter.pad(rows)
+        self.lookup = lookup
+        self.rows = torch.tensor([r for r, _ in cells], device=adapter.device)
+        self.cols = torch.tensor([c for _, c in cells], device=adapter.device)
+
+    def forward_kwargs(self) -> dict[str, Any]:
+        return {"input_ids": self.batch["input_ids"], "attention_mask": self.batch["attention_mask"],
+                "use_cache": False}
+
+
+class _SuffixRows:
+    """Every pass runs only each row's tokens from the subject token on, over a cache of the rest.
+
+    delta enters at the subject token (the lookup), and attention is causal, so no position before
+    it ever changes: those positions run once, without gradients, and each optimisation step runs
+    the few columns from the lookup to the row's end against their keys and values. The values are
+    those of the whole rows up to float rounding; the step costs the suffix's share of the tokens.
+
+    Layout: prefix row i is its first lookup_i tokens, right-padded to P and run unmasked (padding
+    sits after every real token, so causality hides it from them, and no query is ever fully
+    masked); suffix row i is the rest, right-padded to S, its cache columns [0, lookup_i) and its
+    real tokens unmasked, every token at its true position.
+    """
+
+    def __init__(self, adapter: ModelAdapter, rows: list[list[int]], lookup: list[int],
+                 cells: list[tuple[int, int]]) -> None:
+        device, pad_id, b = adapter.device, adapter.pad_token_id, len(rows)
+        width_p = max(lookup)
+        width_s = max(len(r) - k for r, k in zip(rows, lookup, strict=True))
+        self.cache_arg = cache_arg(adapter.model)
+        self.kv: KV = []
+        if width_p:
+            prefix = torch.full((b, width_p), pad_id, dtype=torch.long)
+            for i, (r, k) in enumerate(zip(rows, lookup, strict=True)):
+                prefix[i, :k] = torch.tensor(r[:k], dtype=torch.long)
+            cache, prefix = DynamicCache(), prefix.to(device)
+            with torch.no_grad():
+                adapter.hidden_before_head(input_ids=prefix, attention_mask=torch.ones_like(prefix),
+                                           **{self.cache_arg: cache, "use_cache": True})
+            self.kv = cache_kv(cache)
+        ids = torch.full((b, width_s), pad_id, dtype=torch.long)
+        mask = torch.zeros((b, width_p + width_s), dtype=torch.long)
+        positions = torch.zeros((b, width_s), dtype=torch.long)
+        for i, (r, k) in enumerate(zip(rows, lookup, strict=True)):
+            n = len(r) - k
+            ids[i, :n] = torch.tensor(r[k:], dtype=torch.long)
+            mask[i, :k] = 1
+            mask[i, width_p:width_p + n] = 1
+            # padding repeats the last real position, so no position exceeds the row's own length
+            positions[i] = k + torch.arange(width_s).clamp(max=n - 1)
+        self.ids, self.mask, self.positions = ids.to(device), mask.to(device), positions.to(device)
+        self.lookup = [0] * b
+        self.rows = torch.tensor([r for r, _ in cells], device=device)
+        self.cols = torch.tensor([c - lookup[r] for r, c in cells], device=device)
+
+    def forward_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"input_ids": self.ids, "attention_mask": self.mask, "position_ids": self.positions,
+                                  "use_cache": True}
+        if self.kv:
+            kwargs[self.cache_arg] = cache_from(self.kv, len(self.lookup))
+        return kwargs
+
+
+def _optimize(adapter: ModelAdapter, layer: int, site: str, passes: _FullRows | _SuffixRows, label_ids: torch.Tensor,
+              n_rw: int, n_target: int, *, loss_layer: int | None, steps: int, lr: float, weight_decay: float,
+              clamp_norm_factor: float, kl_factor: float, full_logits: bool = False) -> TargetValue:
     delta = torch.zeros(adapter.d_model, dtype=torch.float32, device=adapter.device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=lr)
     kl_init: torch.Tensor | None = None
@@ -100,20 +166,21 @@ def _optimize(adapter: ModelAdapter, layer: int, site: str, batch: dict[str, tor
     loss_first = loss_val = nll_val = kl_val = prob_new = float("nan")
     n_steps = 0
     for it in range(steps):
-        with adapter.record(site, layer, lookup) as rec, adapter.intervene(site, layer, lookup, delta):
+        kwargs = passes.forward_kwargs()
+        with adapter.record(site, layer, passes.lookup) as rec, adapter.intervene(site, layer, passes.lookup, delta):
             if full_logits:
-                every = torch.log_softmax(adapter.model(**batch, use_cache=False).logits.float(), dim=-1)
+                every = torch.log_softmax(adapter.model(**kwargs).logits.float(), dim=-1)
+            elif loss_layer is None:
+                hidden = adapter.hidden_before_head(**kwargs)
             else:
-                hidden = adapter.final_hidden(batch) if loss_layer is None else adapter.block_hidden(batch,
-                                                                                                     loss_layer)
+                hidden = adapter.block_hidden(None, loss_layer, **kwargs)
         if v0 is None:
             v0 = rec.last[0].detach().clone()
         if full_logits:
-            log_probs = torch.cat([every[row_idx, pos_idx], every[n_rw, lookup[n_rw]].unsqueeze(0)])
+            log_probs = every[passes.rows, passes.cols]
         else:
-            # only the scored positions go through the output head: the target positions, then the KL one
-            picked = torch.cat([hidden[row_idx, pos_idx], hidden[n_rw, lookup[n_rw]].unsqueeze(0)])
-            log_probs = torch.log_softmax(adapter.unembed(picked).float(), dim=-1)
+            # only the scored cells go through the output head: the target positions, then the KL one
+            log_probs = torch.log_softmax(adapter.unembed(hidden[passes.rows, passes.cols]).float(), dim=-1)
         token_lp = log_probs[torch.arange(len(label_ids), device=adapter.device), label_ids].view(n_rw, n_target)
         nll = -(token_lp.mean(dim=1)).mean()
         kl_lp = log_probs[-1]
