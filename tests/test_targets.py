@@ -8,7 +8,7 @@ import torch
 
 from editscale.errors import EditscaleError
 from editscale.methods.rome import RomeConfig
-from editscale.methods.solver.targets import optimize_target
+from editscale.methods.solver.targets import optimize_target, optimize_targets
 from editscale.models.adapter import ModelAdapter
 from tiny_models import byte_bpe_tokenizer, tiny_model, tokenizer_for
 
@@ -102,3 +102,35 @@ def test_each_step_runs_only_the_rows_from_the_subject_on_with_the_same_result(m
         prefix, *steps = widths[False]
         assert len(steps) == len(widths[True]) == full.steps + 1
         assert len(set(steps)) == 1 and steps[0] < widths[True][0] and prefix > 0
+
+
+@pytest.mark.parametrize("site", ["mlp", "block"])
+def test_requests_sharing_passes_each_get_their_own_target(adapter: ModelAdapter, site: str) -> None:
+    requests = [("{} plays the", "Danielle Darrieux", "violin"), ("The capital of {} is", "France", "Rome"),
+                ("{} was born in", "Pablo", "the city of Lyon")]
+    # few steps: on this random model Adam's steps amplify the rounding of different padding widths
+    alone = [optimize_target(adapter, 0, *r, TEMPLATES, site=site, steps=3) for r in requests]
+    shared = optimize_targets(adapter, 0, requests, TEMPLATES, site=site, steps=3)
+    for a, b in zip(alone, shared, strict=True):
+        assert float((b.v_star - a.v_star).norm() / a.v_star.norm()) < 1e-5
+        torch.testing.assert_close(b.v0, a.v0, rtol=1e-5, atol=1e-6)
+        assert b.steps == a.steps and b.loss_last == pytest.approx(a.loss_last, rel=1e-5)
+        assert b.loss_first == pytest.approx(a.loss_first, rel=1e-5)
+
+
+def test_a_request_that_stops_early_is_frozen_while_the_others_go_on(adapter: ModelAdapter,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import editscale.methods.solver.targets as targets
+
+    requests = [("{} plays the", "Danielle Darrieux", "violin"), ("{} was born in", "Pablo", "the city of Lyon")]
+    # no KL or weight decay and a small rate: both losses fall smoothly, the second's below the first's
+    options = dict(steps=5, lr=0.05, weight_decay=0.0, kl_factor=0.0)
+    free = [optimize_target(adapter, 0, *r, TEMPLATES, **options) for r in requests]
+    threshold = (free[1].loss_first + free[1].loss_last) / 2  # the second stops halfway, the first never
+    assert free[0].loss_last > threshold
+    monkeypatch.setattr(targets, "EARLY_STOP_LOSS", threshold)
+    alone = [optimize_target(adapter, 0, *r, TEMPLATES, **options) for r in requests]
+    shared = optimize_targets(adapter, 0, requests, TEMPLATES, **options)
+    assert alone[1].steps < alone[0].steps == 4 and [s.steps for s in shared] == [a.steps for a in alone]
+    for a, b in zip(alone, shared, strict=True):
+        assert float((b.v_star - a.v_star).norm() / a.v_star.norm()) < 1e-5

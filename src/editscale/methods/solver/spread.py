@@ -28,7 +28,7 @@ from editscale.methods.base import Editor, EditRequest, EditResult
 from editscale.methods.config import StatsConfig, TargetConfig
 from editscale.methods.solver.context import EditContext
 from editscale.methods.solver.keys import fill, keys_at_subjects
-from editscale.methods.solver.targets import TargetValue, optimize_target
+from editscale.methods.solver.targets import TargetValue, optimize_targets
 from editscale.methods.solver.templates import generate_memit_templates, memit_template_groups
 from editscale.models.adapter import ModelAdapter
 
@@ -54,18 +54,24 @@ class SpreadConfig(TargetConfig, StatsConfig):
 
 # ---------------------------------------------------------------------- the shared pieces
 
+# Requests whose z share one forward pass: enough rows (7 each) to amortise a pass's fixed cost on a
+# small model, few enough that a large edit batch does not become one huge pass.
+TARGETS_PER_PASS = 16
+
 
 def compute_targets(adapter: ModelAdapter, cfg: SpreadConfig, requests: Sequence[EditRequest],
                     templates: Sequence[str]) -> tuple[torch.Tensor, list[TargetValue]]:
     """Z [d_model, n]: z = h0 + δ per request, δ added to the block output at z_layer (docs/protocol.md §4.2).
 
     Each z is optimised on the model as it is now, alone (requests do not see each other), over the
-    flat list of templates (6 rewriting rows) plus the KL row.
+    flat list of templates (6 rewriting rows) plus the KL row. Up to `TARGETS_PER_PASS` requests
+    share each forward pass (`optimize_targets`).
     """
     z_layer = cfg.layers[-1]
-    found = [optimize_target(adapter, z_layer, r.prompt, r.subject, r.target_new, templates, site="block",
-                             **cfg.target_options())
-             for r in requests]
+    found: list[TargetValue] = []
+    for i in range(0, len(requests), TARGETS_PER_PASS):
+        chunk = [(r.prompt, r.subject, r.target_new) for r in requests[i:i + TARGETS_PER_PASS]]
+        found += optimize_targets(adapter, z_layer, chunk, templates, site="block", **cfg.target_options())
     return torch.stack([t.v_star for t in found], dim=1), found
 
 

@@ -40,17 +40,29 @@ class TargetValue:
 
 
 def optimize_target(adapter: ModelAdapter, layer: int, prompt: str, subject: str, target: str,
-                    templates: Sequence[str], *, site: str = "mlp", steps: int = 20, lr: float = 0.5,
-                    weight_decay: float = 0.5, clamp_norm_factor: float = 4.0, kl_factor: float = 0.0625,
-                    fact_token: str = "subject_last", loss_layer: int | None = None,
-                    full_logits: bool = False) -> TargetValue:
-    """The target value for one request; `loss_layer` is the block whose output (through the final
-    norm and the unembedding) the loss is read from, None or the last block for the model's logits.
+                    templates: Sequence[str], **options: Any) -> TargetValue:
+    """The target value for one request (`optimize_targets` with one request; the same options)."""
+    return optimize_targets(adapter, layer, [(prompt, subject, target)], templates, **options)[0]
 
-    `full_logits` computes the same values as the reference's compute_v does (ROME `compute_v.py`):
-    the model's logits at every position, log-softmaxed everywhere, then the scored cells read. It
-    costs a vocabulary projection per position and exists so benchmarks can time the reference's
-    way (`benchmarks/protocol_speed.py`)."""
+
+def optimize_targets(adapter: ModelAdapter, layer: int, requests: Sequence[tuple[str, str, str]],
+                     templates: Sequence[str], *, site: str = "mlp", steps: int = 20, lr: float = 0.5,
+                     weight_decay: float = 0.5, clamp_norm_factor: float = 4.0, kl_factor: float = 0.0625,
+                     fact_token: str = "subject_last", loss_layer: int | None = None,
+                     full_logits: bool = False) -> list[TargetValue]:
+    """The target value of each `(prompt, subject, target)` request, each optimised alone.
+
+    The requests share forward passes (their rows sit in one batch, each with its own delta) but
+    nothing else: a request's loss reads only its own rows, its Adam state is its own, and it stops
+    at its own iteration, after which its delta is frozen. The values are those of one request at a
+    time up to float rounding; the cost of a step is paid once for all of them.
+
+    `loss_layer` is the block whose output (through the final norm and the unembedding) the loss is
+    read from, None or the last block for the model's logits. `full_logits` computes the same
+    values as the reference's compute_v does (ROME `compute_v.py`): the model's logits at every
+    position, log-softmaxed everywhere, then the scored cells read. It costs a vocabulary
+    projection per position and exists so benchmarks can time the reference's way
+    (`benchmarks/protocol_speed.py`)."""
     if full_logits and loss_layer not in (None, adapter.n_layers - 1):
         raise EditscaleError("full_logits reads the model's own logits: it takes no v_loss_layer")
     if loss_layer is not None:
@@ -59,33 +71,57 @@ def optimize_target(adapter: ModelAdapter, layer: int, prompt: str, subject: str
                                  f"last block {adapter.n_layers - 1}: the loss must see the edit")
         if loss_layer == adapter.n_layers - 1:
             loss_layer = None  # the same values as the model's own final hidden states, one hook fewer
-    target_ids = adapter.target_ids(target)
-    n_target = len(target_ids)
-    rewrite_prompts = [fill(t, prompt) for t in templates]
-    all_prompts = rewrite_prompts + [KL_PROMPT]
-    n_rw = len(rewrite_prompts)
-    # Rows are the prompt's tokens followed by all target tokens but the last; ids are appended
-    # rather than re-tokenising prompt + decode(target[:-1]), which is the same for GPT-2 BPE and
-    # stays right for tokenizers that would merge across the boundary.
-    prompt_rows = adapter.tokenizer([p.format(subject) for p in all_prompts], add_special_tokens=True)["input_ids"]
-    rows = [list(r) + (target_ids[:-1] if i < n_rw else []) for i, r in enumerate(prompt_rows)]
-    lookup = adapter.subject_token_indices(all_prompts, [subject] * len(all_prompts), fact_token)
-    # the scored cells: the first target token is predicted at the last prompt token; the KL term last
-    cells = [(i, len(rows[i]) - n_target + j) for i in range(n_rw) for j in range(n_target)] + [(n_rw, lookup[n_rw])]
-    label_ids = torch.tensor(target_ids * n_rw, device=adapter.device)
+    if not requests:
+        return []
+    rows: list[list[int]] = []
+    lookup: list[int] = []
+    cells: list[tuple[int, int]] = []
+    parts: list[_Request] = []
+    for prompt, subject, target in requests:
+        target_ids = adapter.target_ids(target)
+        n_target = len(target_ids)
+        all_prompts = [fill(t, prompt) for t in templates] + [KL_PROMPT]
+        n_rw = len(all_prompts) - 1
+        # Rows are the prompt's tokens followed by all target tokens but the last; ids are appended
+        # rather than re-tokenising prompt + decode(target[:-1]), which is the same for GPT-2 BPE and
+        # stays right for tokenizers that would merge across the boundary.
+        encoded = adapter.tokenizer([p.format(subject) for p in all_prompts], add_special_tokens=True)["input_ids"]
+        mine = [list(r) + (target_ids[:-1] if i < n_rw else []) for i, r in enumerate(encoded)]
+        at = adapter.subject_token_indices(all_prompts, [subject] * len(all_prompts), fact_token)
+        first_row, first_cell = len(rows), len(cells)
+        # the scored cells: the first target token is predicted at the last prompt token; the KL term last
+        cells += [(first_row + i, len(mine[i]) - n_target + j) for i in range(n_rw) for j in range(n_target)]
+        cells.append((first_row + n_rw, at[n_rw]))
+        parts.append(_Request(rows=slice(first_row, first_row + n_rw + 1),
+                              cells=slice(first_cell, first_cell + n_rw * n_target), kl_cell=len(cells) - 1,
+                              labels=torch.tensor(target_ids * n_rw, device=adapter.device), n_rw=n_rw,
+                              n_target=n_target))
+        rows += mine
+        lookup += at
 
-    # gradients flow to delta only; parameter flags are restored on the way out
+    # gradients flow to the deltas only; parameter flags are restored on the way out
     was_trainable = [p for p in adapter.model.parameters() if p.requires_grad]
     for p in was_trainable:
         p.requires_grad_(False)
     try:
         passes = _FullRows(adapter, rows, lookup, cells) if full_logits else _SuffixRows(adapter, rows, lookup, cells)
-        return _optimize(adapter, layer, site, passes, label_ids, n_rw, n_target, loss_layer=loss_layer, steps=steps,
-                         lr=lr, weight_decay=weight_decay, clamp_norm_factor=clamp_norm_factor, kl_factor=kl_factor,
+        return _optimize(adapter, layer, site, passes, parts, loss_layer=loss_layer, steps=steps, lr=lr,
+                         weight_decay=weight_decay, clamp_norm_factor=clamp_norm_factor, kl_factor=kl_factor,
                          full_logits=full_logits)
     finally:
         for p in was_trainable:
             p.requires_grad_(True)
+
+
+@dataclass(frozen=True)
+class _Request:
+    """Where one request's rows and scored cells sit in the shared batch."""
+    rows: slice  # its rewriting rows, then its KL row
+    cells: slice  # its target cells, row-major (n_rw x n_target)
+    kl_cell: int
+    labels: torch.Tensor  # [n_rw * n_target] target ids
+    n_rw: int
+    n_target: int
 
 
 class _FullRows:
@@ -156,18 +192,24 @@ class _SuffixRows:
         return kwargs
 
 
-def _optimize(adapter: ModelAdapter, layer: int, site: str, passes: _FullRows | _SuffixRows, label_ids: torch.Tensor,
-              n_rw: int, n_target: int, *, loss_layer: int | None, steps: int, lr: float, weight_decay: float,
-              clamp_norm_factor: float, kl_factor: float, full_logits: bool = False) -> TargetValue:
-    delta = torch.zeros(adapter.d_model, dtype=torch.float32, device=adapter.device, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=lr)
-    kl_init: torch.Tensor | None = None
+def _optimize(adapter: ModelAdapter, layer: int, site: str, passes: _FullRows | _SuffixRows,
+              parts: Sequence[_Request], *, loss_layer: int | None, steps: int, lr: float, weight_decay: float,
+              clamp_norm_factor: float, kl_factor: float, full_logits: bool = False) -> list[TargetValue]:
+    n = len(parts)
+    delta = torch.zeros(n, adapter.d_model, dtype=torch.float32, device=adapter.device, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=lr)  # elementwise: one Adam per request's row of delta
+    row_owner = torch.tensor([k for k, p in enumerate(parts) for _ in range(p.rows.start, p.rows.stop)],
+                             device=adapter.device)
+    bare_rows = torch.tensor([p.rows.start for p in parts], device=adapter.device)
+    kl_init: list[torch.Tensor] = []
     v0: torch.Tensor | None = None
-    loss_first = loss_val = nll_val = kl_val = prob_new = float("nan")
-    n_steps = 0
+    found: list[TargetValue | None] = [None] * n
+    loss_first = [float("nan")] * n
+    n_steps = [0] * n
     for it in range(steps):
         kwargs = passes.forward_kwargs()
-        with adapter.record(site, layer, passes.lookup) as rec, adapter.intervene(site, layer, passes.lookup, delta):
+        with (adapter.record(site, layer, passes.lookup) as rec,
+              adapter.intervene(site, layer, passes.lookup, delta[row_owner])):
             if full_logits:
                 every = torch.log_softmax(adapter.model(**kwargs).logits.float(), dim=-1)
             elif loss_layer is None:
@@ -175,36 +217,50 @@ def _optimize(adapter: ModelAdapter, layer: int, site: str, passes: _FullRows | 
             else:
                 hidden = adapter.block_hidden(None, loss_layer, **kwargs)
         if v0 is None:
-            v0 = rec.last[0].detach().clone()
+            v0 = rec.last[bare_rows].detach().clone()  # each request's bare-template row
         if full_logits:
             log_probs = every[passes.rows, passes.cols]
         else:
             # only the scored cells go through the output head: the target positions, then the KL one
             log_probs = torch.log_softmax(adapter.unembed(hidden[passes.rows, passes.cols]).float(), dim=-1)
-        token_lp = log_probs[torch.arange(len(label_ids), device=adapter.device), label_ids].view(n_rw, n_target)
-        nll = -(token_lp.mean(dim=1)).mean()
-        kl_lp = log_probs[-1]
-        if kl_init is None:
-            kl_init = kl_lp.detach().clone()
-        # KL(P_delta || P_init), as kl_div(init, current, log_target=True) in the reference
-        kl = kl_factor * torch.sum(kl_lp.exp() * (kl_lp - kl_init))
-        wd = weight_decay * delta.norm() / (v0.norm() ** 2)
-        loss = nll + kl + wd
-        loss_val, nll_val, kl_val = loss.item(), nll.item(), kl.item()
-        prob_new = token_lp.detach().exp().mean().item()
-        if it == 0:
-            loss_first = loss_val
-        if loss_val < EARLY_STOP_LOSS or it == steps - 1:
+        active: list[torch.Tensor] = []
+        for k, p in enumerate(parts):
+            if found[k] is not None:
+                continue
+            cell_lp = log_probs[p.cells]
+            token_lp = cell_lp[torch.arange(len(p.labels), device=cell_lp.device), p.labels].view(p.n_rw, p.n_target)
+            nll = -(token_lp.mean(dim=1)).mean()
+            kl_lp = log_probs[p.kl_cell]
+            if it == 0:
+                kl_init.append(kl_lp.detach().clone())
+            # KL(P_delta || P_init), as kl_div(init, current, log_target=True) in the reference
+            kl = kl_factor * torch.sum(kl_lp.exp() * (kl_lp - kl_init[k]))
+            wd = weight_decay * delta[k].norm() / (v0[k].norm() ** 2)
+            loss = nll + kl + wd
+            loss_val = loss.item()
+            if it == 0:
+                loss_first[k] = loss_val
+            if loss_val < EARLY_STOP_LOSS or it == steps - 1:
+                d = delta[k].detach().clone()
+                found[k] = TargetValue(v_star=v0[k] + d, v0=v0[k], delta=d, loss_first=loss_first[k],
+                                       loss_last=loss_val, nll_last=nll.item(), kl_last=kl.item(), steps=n_steps[k],
+                                       prob_new=token_lp.detach().exp().mean().item())
+            else:
+                active.append(loss)
+        if not active:
             break
+        stepping = torch.tensor([f is None for f in found], device=adapter.device)
         opt.zero_grad()
-        loss.backward()
+        torch.stack(active).sum().backward()  # each delta's gradient is its own request's
+        kept = delta.detach().clone()
         opt.step()
-        n_steps += 1
         with torch.no_grad():
-            max_norm = clamp_norm_factor * v0.norm()
-            if delta.norm() > max_norm:
-                delta.mul_(max_norm / delta.norm())
-    assert v0 is not None
-    d = delta.detach()
-    return TargetValue(v_star=v0 + d, v0=v0, delta=d, loss_first=loss_first, loss_last=loss_val,
-                       nll_last=nll_val, kl_last=kl_val, steps=n_steps, prob_new=prob_new)
+            delta[~stepping] = kept[~stepping]  # finished requests take no step
+            max_norm = clamp_norm_factor * v0.norm(dim=1)
+            norm = delta.norm(dim=1)
+            over = stepping & (norm > max_norm)
+            delta[over] *= (max_norm[over] / norm[over])[:, None]
+        for k in range(n):
+            n_steps[k] += int(found[k] is None)
+    assert all(f is not None for f in found)
+    return found  # type: ignore[return-value]  # every request ends by the last iteration
