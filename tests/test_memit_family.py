@@ -13,6 +13,7 @@ from editscale.errors import EditscaleError
 from editscale.methods.alphaedit import AlphaEditConfig, AlphaEditEditor
 from editscale.methods.base import EditRequest, apply_deltas, get_method, list_methods
 from editscale.methods.emmet import EmmetConfig, EmmetEditor
+from editscale.methods.encore import EncoreConfig, EncoreEditor
 from editscale.methods.memit import MemitConfig, MemitEditor
 from editscale.methods.solver.context import EditContext
 from editscale.methods.solver.spread import LayerStep, compute_targets
@@ -289,12 +290,12 @@ def test_alphaedit_leaves_preserved_keys_alone(model_type: str) -> None:
     assert _rel(first.deltas[0], expected) < 1e-4
 
     # after the runner applies a batch, its keys (on the edited model) join cache_c
-    assert all(float(c.abs().max()) == 0 for c in editor.cache_c.values())
+    assert all(float(c.abs().max()) == 0 for c in editor.cache_c.sums.values())
     apply_deltas(adapter, first.deltas)
     editor.after_apply(REQUESTS[:2], first)
     for layer in layers:
         keys_after = torch.stack([_key(model, tok, model_type, layer, q) for q in REQUESTS[:2]], dim=1)
-        torch.testing.assert_close(editor.cache_c[layer], keys_after @ keys_after.T, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(editor.cache_c.sums[layer], keys_after @ keys_after.T, rtol=1e-5, atol=1e-6)
 
     # the cache survives a resume, and the next batch's update is still in the null space
     state = editor.state_dict()
@@ -302,13 +303,54 @@ def test_alphaedit_leaves_preserved_keys_alone(model_type: str) -> None:
     resumed.prepare()
     resumed.load_state_dict(state)
     for layer in layers:
-        torch.testing.assert_close(resumed.cache_c[layer], editor.cache_c[layer], rtol=0, atol=0)
+        torch.testing.assert_close(resumed.cache_c.sums[layer], editor.cache_c.sums[layer], rtol=0, atol=0)
     second = resumed.compute(REQUESTS[2:])
     for layer in layers:
         delta = second.deltas[layer].double()
         assert float((delta @ spectra[layer][1]).norm() / delta.norm()) < 1e-5
     with pytest.raises(EditscaleError, match="alphaedit state must hold"):
         resumed.load_state_dict({"cache_c.layer0": state["cache_c.layer0"]})
+
+
+# ---------------------------------------------------------------------- ENCORE
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "gptj"])
+def test_encore_solves_its_norm_constrained_objective_and_keeps_earlier_keys(model_type: str) -> None:
+    layer, lam_c, lam_f = 1, 3.0, 0.7
+    tok, model, adapter, ctx = _setup(model_type, [layer])
+    cfg = EncoreConfig(layers=[layer], mom2_update_weight=lam_c, update_norm_lambda=lam_f, mpes=0,
+                       mom2_dataset="factworld", v_num_grad_steps=STEPS)
+    editor = EncoreEditor(adapter, cfg, ctx)
+    c, m = ctx.mom2[layer], adapter.d_mlp
+
+    def expected(requests, previous: torch.Tensor) -> torch.Tensor:
+        # the minimiser of λ_C‖ΔK_C‖² + ‖ΔK_prev‖² + ‖ΔK − R‖² + λ_F‖Δ‖², by its normal equations:
+        # Δ (λ_C C + K_prev K_prevᵀ + K Kᵀ + λ_F I) = R Kᵀ, with K and R read off the model independently
+        k = torch.stack([_key(model, tok, model_type, layer, q) for q in requests], dim=1)
+        r = _z(adapter, cfg, requests) - torch.stack([_hidden(model, tok, layer, q) for q in requests], dim=1)
+        gram = lam_c * c + previous + k @ k.T + lam_f * torch.eye(m, dtype=torch.float64)
+        return torch.linalg.solve(gram, k @ r.T).T, k
+
+    first = editor.compute(REQUESTS[:2])
+    want, k_first = expected(REQUESTS[:2], torch.zeros(m, m, dtype=torch.float64))
+    assert _rel(first.deltas[layer], want) < 1e-4
+    # a computed but unapplied batch leaves no trace; an applied one's keys join the earlier edits'
+    editor.compute(REQUESTS[2:])
+    assert float(editor.previous.sums[layer].abs().max()) == 0
+    editor.compute(REQUESTS[:2])
+    apply_deltas(adapter, first.deltas)
+    editor.after_apply(REQUESTS[:2], first)
+    torch.testing.assert_close(editor.previous.sums[layer], k_first @ k_first.T, rtol=1e-5, atol=1e-8)
+
+    second = editor.compute(REQUESTS[2:])
+    want, _ = expected(REQUESTS[2:], k_first @ k_first.T)
+    assert _rel(second.deltas[layer], want) < 1e-4
+    resumed = EncoreEditor(adapter, cfg, ctx)
+    resumed.load_state_dict(editor.state_dict())
+    assert torch.equal(resumed.previous.sums[layer], editor.previous.sums[layer])
+    with pytest.raises(EditscaleError, match="encore state must hold"):
+        resumed.load_state_dict({})
 
 
 # ---------------------------------------------------------------------- templates, registry, configs

@@ -134,3 +134,30 @@ def test_a_request_that_stops_early_is_frozen_while_the_others_go_on(adapter: Mo
     assert alone[1].steps < alone[0].steps == 4 and [s.steps for s in shared] == [a.steps for a in alone]
     for a, b in zip(alone, shared, strict=True):
         assert float((b.v_star - a.v_star).norm() / a.v_star.norm()) < 1e-5
+
+
+def test_mpes_stops_on_the_nth_iteration_where_the_target_is_most_probable_on_every_prefixed_row(embedded_lm) -> None:
+    adapter = embedded_lm.adapter
+    templates = ["{}", "The weather is nice. {}", "Hello there, friend. {}"]
+    prompt, subject, target = "The native language of {} is", "Jeis Zirirum", "English"  # factworld-insert 100000
+    ids = adapter.target_ids(target)
+    options = dict(steps=20, weight_decay=0.05, clamp_norm_factor=1.5)
+
+    def most_probable(delta: torch.Tensor) -> bool:
+        # checked here on whole rows, by the model's own logits with delta added at the subject token
+        rows = [adapter.tokenizer(t.format(prompt.format(subject)))["input_ids"] + ids[:-1] for t in templates[1:]]
+        lookup = adapter.subject_token_indices([t.format(prompt) for t in templates[1:]], [subject] * 2)
+        with torch.no_grad(), adapter.intervene("mlp", 1, lookup, delta):
+            logits = adapter.model(**adapter.pad(rows)).logits
+        return all(int(logits[i, len(r) - len(ids) + j].argmax()) == t
+                   for i, r in enumerate(rows) for j, t in enumerate(ids))
+
+    for patience in (1, 2):
+        stopped = optimize_target(adapter, 1, prompt, subject, target, templates, mpes=patience, **options)
+        assert stopped.stop == "mpes" and stopped.steps < options["steps"] - 1
+        # the same trajectory cut after s steps (no MPES): most probable on exactly `patience` of them
+        hits = [most_probable(optimize_target(adapter, 1, prompt, subject, target, templates, **{
+            **options, "steps": s + 1}).delta) for s in range(stopped.steps + 1)]
+        assert hits[-1] and sum(hits) == patience
+        torch.testing.assert_close(stopped.delta, optimize_target(adapter, 1, prompt, subject, target, templates, **{
+            **options, "steps": stopped.steps + 1}).delta)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from editscale.config_files import read_yaml_mapping, validate
 
@@ -53,12 +53,27 @@ class TargetConfig(MethodConfig):
     v_weight_decay: float = 0.5
     clamp_norm_factor: float = 4.0
     kl_factor: float = 0.0625
+    # ENCORE's most-probable early stopping (§2.6 there): stop on the N-th iteration on which the new
+    # target is the argmax at every target token of every prefixed rewriting row; 0: off.
+    mpes: int = Field(default=0, ge=0)
+    # NAS (§2.6 there): rescale every solved value vector's MLP-output part to a reference norm taken
+    # from the unedited model over `norm_anchor_samples` of the run's records (upper-trimmed mean,
+    # the largest `norm_anchor_trim` share dropped); drop the edit's δ when its norm is over
+    # `norm_anchor_outlier` times the reference.
+    norm_anchor: bool = False
+    norm_anchor_samples: int = Field(default=1000, ge=1)
+    norm_anchor_trim: float = Field(default=0.05, ge=0, lt=1)
+    norm_anchor_outlier: float = Field(default=2.0, gt=0)
 
     def target_options(self) -> dict[str, Any]:
         """The keyword arguments of `solver.targets.optimize_target` that this config sets."""
         return {"steps": self.v_num_grad_steps, "lr": self.v_lr, "weight_decay": self.v_weight_decay,
                 "clamp_norm_factor": self.clamp_norm_factor, "kl_factor": self.kl_factor,
-                "fact_token": self.fact_token, "loss_layer": self.v_loss_layer}
+                "fact_token": self.fact_token, "loss_layer": self.v_loss_layer, "mpes": self.mpes}
+
+    def anchor_options(self) -> dict[str, Any]:
+        """The keyword arguments of `solver.anchor.reference_norm` that this config sets."""
+        return {"samples": self.norm_anchor_samples, "trim": self.norm_anchor_trim}
 
 
 class StatsConfig(MethodConfig):

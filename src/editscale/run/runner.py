@@ -241,18 +241,29 @@ def set_threads(threads: int | None) -> int:
     return n
 
 
+ANCHORS_FILE = "norm_anchor.json"  # NAS reference norms, taken from the base model once per run
+
+
 def build_editor(cfg: RunConfig, store: RunStore, adapter: ModelAdapter, model_name: str, *,
                  progress: bool = True) -> Editor:
     """The run's editor with its explicit inputs: the templates already in the run directory (a
     resumed run and `retest` reuse them), the seed and the statistics cache."""
     editor_cls = get_method(cfg.method)
     templates = store.read_json("templates.json") or {}
+    anchors = store.read_json(ANCHORS_FILE) or {}
+
+    def anchor_requests() -> list[tuple[str, str, str]]:
+        return [(r.prompt, r.subject, r.target_new) for r in load_records(cfg.dataset, data_path=cfg.data_path)]
+
     ctx = EditContext(model_name, seed=cfg.seed, templates=dict(templates),
-                      stats_cache_dir=Path(cfg.stats_cache) if cfg.stats_cache else None, progress=progress)
+                      stats_cache_dir=Path(cfg.stats_cache) if cfg.stats_cache else None, progress=progress,
+                      anchor_norms=dict(anchors), anchor_requests=anchor_requests)
     editor = editor_cls(adapter, editor_cls.config_class.parse(cfg.method_config), ctx)
     editor.ensure_prepared()  # before a checkpoint is loaded: statistics come from the base model
     if ctx.templates and ctx.templates != templates:
         store.write_json("templates.json", ctx.templates)
+    if ctx.anchor_norms and ctx.anchor_norms != anchors:
+        store.write_json(ANCHORS_FILE, ctx.anchor_norms)
     return editor
 
 

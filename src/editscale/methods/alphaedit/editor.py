@@ -23,11 +23,10 @@ from typing import Any
 
 import torch
 
-from editscale.errors import EditscaleError
 from editscale.methods.alphaedit.config import AlphaEditConfig
 from editscale.methods.base import EditRequest, EditResult, register
 from editscale.methods.config import MethodConfig
-from editscale.methods.solver.spread import LayerStep, SpreadEditor, layer_keys
+from editscale.methods.solver.spread import KeyCovariance, LayerStep, SpreadEditor, layer_keys
 from editscale.models.adapter import ModelAdapter
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -55,7 +54,7 @@ class AlphaEditEditor(SpreadEditor):
         m = self.adapter.d_mlp
         self.projectors: dict[int, torch.Tensor] = {}  # layer -> P [m, m], from the base model
         self.null_dims: dict[int, int] = {}
-        self.cache_c: dict[int, torch.Tensor] = {layer: torch.zeros(m, m, dtype=dtype) for layer in self.config.layers}
+        self.cache_c = KeyCovariance(self.name, "cache_c", self.config.layers, m, dtype)
 
     def prepare(self) -> None:
         super().prepare()
@@ -73,7 +72,7 @@ class AlphaEditEditor(SpreadEditor):
         cfg = self.config
         dtype, device = _DTYPES[cfg.solve_dtype], step.keys.device
         p = self.projectors_ready()[step.layer].to(device, dtype)  # [m, m]
-        cache = self.cache_c[step.layer].to(device, dtype)  # [m, m]
+        cache = self.cache_c.sums[step.layer].to(device, dtype)  # [m, m]
         k, r = step.keys.to(dtype), step.resid.to(dtype)  # [m, n], [d_model, n]
         lhs = p @ (k @ k.T + cache) + cfg.L2 * torch.eye(k.shape[0], dtype=dtype, device=device)
         upd_t = torch.linalg.solve(lhs, p @ k @ r.T)  # Δᵀ [m, d_model]
@@ -83,21 +82,11 @@ class AlphaEditEditor(SpreadEditor):
     def after_apply(self, requests: Sequence[EditRequest], result: EditResult) -> None:
         # keys of this batch on the model that now carries its edit, at every layer (docs/protocol.md §6)
         templates = self.templates()
-        for layer, cache in self.cache_c.items():
-            k = layer_keys(self.adapter, layer, requests, templates, self.config.fact_token)  # [m, n]
-            k = k.to("cpu", cache.dtype)
-            cache += k @ k.T
+        for layer in self.cache_c.sums:
+            self.cache_c.add(layer, layer_keys(self.adapter, layer, requests, templates, self.config.fact_token))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"cache_c.layer{layer}": c.clone() for layer, c in self.cache_c.items()}
+        return self.cache_c.state_dict()
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        expected = set(self.state_dict())
-        if set(state) != expected:
-            raise EditscaleError(f"alphaedit state must hold {sorted(expected)}, got {sorted(state)}")
-        for layer, cache in self.cache_c.items():
-            saved = state[f"cache_c.layer{layer}"]
-            if saved.shape != cache.shape:
-                raise EditscaleError(f"alphaedit cache_c for layer {layer} has shape {list(saved.shape)}, "
-                                     f"expected {list(cache.shape)}")
-            cache.copy_(saved.to(cache.dtype))
+        self.cache_c.load_state_dict(state)

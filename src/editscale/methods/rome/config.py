@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from editscale.methods.config import StatsConfig, TargetConfig
 
@@ -20,6 +20,7 @@ class RomeConfig(TargetConfig, StatsConfig):
     mom2_adjustment: bool = True  # False: u is the key itself, C is not used
     context_template_length_params: list[tuple[int, int]] = [(5, 10), (10, 10)]
     key_mode: KeyMode = "original"
+    norm_anchor_outlier: float = Field(default=5.0, gt=0)  # NAS's ROME drops δ past 5x the reference, not 2x
 
     @field_validator("layers")
     @classmethod

@@ -36,6 +36,7 @@ class RomeEditor(Editor):
         if cfg.mom2_adjustment:
             for layer in cfg.layers:
                 self.context.second_moment(self.adapter, layer, **cfg.stats_options())
+        self.context.anchor_options(self.adapter, cfg, cfg.layers[0], "mlp")  # NAS's norm: from the base model
 
     def compute(self, requests: Sequence[EditRequest]) -> EditResult:
         self.ensure_prepared()
@@ -75,7 +76,7 @@ class RomeEditor(Editor):
         t1 = time.perf_counter()
 
         target = optimize_target(adapter, layer, request.prompt, request.subject, request.target_new, templates,
-                                 site="mlp", **cfg.target_options())
+                                 site="mlp", **cfg.target_options(), **ctx.anchor_options(adapter, cfg, layer, "mlp"))
         t2 = time.perf_counter()
 
         # the key the update is anchored on, and the value the layer currently gives it
@@ -102,4 +103,9 @@ class RomeEditor(Editor):
             "update_norm": float(delta.norm()),
             "update_rel": float(delta.norm()) / w_norm if w_norm else float("inf"),
         }
+        if cfg.mpes:
+            diag["v_mpes_stop"] = float(target.stop == "mpes")
+        if cfg.norm_anchor:
+            diag["v_value_norm"] = target.value_norm  # before anchoring
+            diag["v_anchor_dropped"] = float(target.anchor == "dropped")
         return delta.to(adapter.device), diag, {"keys": t1 - t0, "v_star": t2 - t1, "update": t3 - t2}

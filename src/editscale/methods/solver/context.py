@@ -11,10 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from editscale.errors import EditscaleError
+from editscale.methods.config import TargetConfig
 from editscale.methods.solver import stats as stats_mod
+from editscale.methods.solver.anchor import reference_norm
 from editscale.methods.solver.templates import DEFAULT_LENGTH_PARAMS, generate_context_templates
 from editscale.models.adapter import ModelAdapter
 
@@ -28,6 +32,10 @@ class EditContext:
     mom2: dict[int, torch.Tensor] = field(default_factory=dict)  # explicit C per layer
     stats_cache_dir: Path | None = None
     progress: bool = True
+    # NAS reference norms by "<site> layer <l>" (solver/anchor.py); a missing one is taken on first
+    # use, from `anchor_requests()`: (prompt, subject, target) of the run's records
+    anchor_norms: dict[str, float] = field(default_factory=dict)
+    anchor_requests: Callable[[], Sequence[tuple[str, str, str]]] | None = field(default=None, repr=False)
     _cholesky: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
     _cond: dict[int, float] = field(default_factory=dict, repr=False)
 
@@ -41,6 +49,26 @@ class EditContext:
         if kind not in self.templates:
             self.templates[kind] = make()
         return self.templates[kind]
+
+    def anchor_norm(self, adapter: ModelAdapter, layer: int, *, site: str, samples: int, trim: float,
+                    **target_options: Any) -> float:
+        """The NAS reference norm for a layer: given, or taken once (the runner calls Editor.prepare()
+        on the unedited model) from `anchor_requests`."""
+        key = f"{site} layer {layer}"
+        if key not in self.anchor_norms:
+            if self.anchor_requests is None:
+                raise EditscaleError("norm_anchor needs records to take its reference norm from: give the "
+                                     "EditContext anchor_requests (a run passes its dataset's) or anchor_norms")
+            self.anchor_norms[key] = reference_norm(adapter, layer, self.anchor_requests(), site=site,
+                                                    samples=samples, trim=trim, seed=self.seed, **target_options)
+        return self.anchor_norms[key]
+
+    def anchor_options(self, adapter: ModelAdapter, cfg: TargetConfig, layer: int, site: str) -> dict[str, Any]:
+        """`optimize_targets` keyword arguments for NAS at a layer: none when `cfg.norm_anchor` is off."""
+        if not cfg.norm_anchor:
+            return {}
+        norm = self.anchor_norm(adapter, layer, site=site, **cfg.anchor_options(), **cfg.target_options())
+        return {"anchor": norm, "anchor_outlier": cfg.norm_anchor_outlier}
 
     def second_moment(self, adapter: ModelAdapter, layer: int, *, corpus: str, n_samples: int,
                       dtype: str) -> torch.Tensor:

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import time
 from abc import abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from pydantic import field_validator
@@ -60,18 +61,18 @@ TARGETS_PER_PASS = 16
 
 
 def compute_targets(adapter: ModelAdapter, cfg: SpreadConfig, requests: Sequence[EditRequest],
-                    templates: Sequence[str]) -> tuple[torch.Tensor, list[TargetValue]]:
+                    templates: Sequence[str], **anchor: Any) -> tuple[torch.Tensor, list[TargetValue]]:
     """Z [d_model, n]: z = h0 + δ per request, δ added to the block output at z_layer (docs/protocol.md §4.2).
 
     Each z is optimised on the model as it is now, alone (requests do not see each other), over the
     flat list of templates (6 rewriting rows) plus the KL row. Up to `TARGETS_PER_PASS` requests
-    share each forward pass (`optimize_targets`).
+    share each forward pass (`optimize_targets`). `anchor`: NAS's options (`EditContext.anchor_options`).
     """
     z_layer = cfg.layers[-1]
     found: list[TargetValue] = []
     for i in range(0, len(requests), TARGETS_PER_PASS):
         chunk = [(r.prompt, r.subject, r.target_new) for r in requests[i:i + TARGETS_PER_PASS]]
-        found += optimize_targets(adapter, z_layer, chunk, templates, site="block", **cfg.target_options())
+        found += optimize_targets(adapter, z_layer, chunk, templates, site="block", **cfg.target_options(), **anchor)
     return torch.stack([t.v_star for t in found], dim=1), found
 
 
@@ -120,6 +121,35 @@ class LayerStep:
     diagnostics: dict[str, float] = field(default_factory=dict)  # the update may report here
 
 
+class KeyCovariance:
+    """Σ K Kᵀ of the keys of applied batches, per layer [d_mlp, d_mlp]: a method's state between
+    batches (AlphaEdit's cache_c, ENCORE's earlier edits), saved with the run's checkpoint under
+    `<name>.layer<l>`."""
+
+    def __init__(self, method: str, name: str, layers: Sequence[int], size: int, dtype: torch.dtype) -> None:
+        self.method, self.name = method, name
+        self.sums = {layer: torch.zeros(size, size, dtype=dtype) for layer in layers}
+
+    def add(self, layer: int, keys: torch.Tensor) -> None:
+        """Add K Kᵀ of keys [d_mlp, n]."""
+        k = keys.to("cpu", self.sums[layer].dtype)
+        self.sums[layer] += k @ k.T
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"{self.name}.layer{layer}": c.clone() for layer, c in self.sums.items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        expected = set(self.state_dict())
+        if set(state) != expected:
+            raise EditscaleError(f"{self.method} state must hold {sorted(expected)}, got {sorted(state)}")
+        for layer, total in self.sums.items():
+            saved = state[f"{self.name}.layer{layer}"]
+            if saved.shape != total.shape:
+                raise EditscaleError(f"{self.method} {self.name} for layer {layer} has shape {list(saved.shape)}, "
+                                     f"expected {list(total.shape)}")
+            total.copy_(saved.to(total.dtype))
+
+
 class SpreadEditor(Editor):
     """MEMIT-family editor: z, keys and residual spreading here; the update equation in subclasses."""
 
@@ -130,6 +160,11 @@ class SpreadEditor(Editor):
         self.templates()
         for layer in self.config.layers:
             self.mom2(layer)
+        self.anchor()  # NAS's reference norm: from the base model
+
+    def anchor(self) -> dict[str, Any]:
+        """NAS's options for z (none unless `norm_anchor`): the MLP output of the z layer is anchored."""
+        return self.context.anchor_options(self.adapter, self.config, self.config.layers[-1], "block")
 
     def templates(self) -> list[str]:
         """MEMIT's 6 templates, generated once (seeded) from the model `prepare()` sees: the base model."""
@@ -158,7 +193,7 @@ class SpreadEditor(Editor):
         timings = {"v_star": 0.0, "keys": 0.0, "update": 0.0}
 
         t0 = time.perf_counter()
-        z, found = compute_targets(adapter, cfg, requests, templates)  # [d_model, n]
+        z, found = compute_targets(adapter, cfg, requests, templates, **self.anchor())  # [d_model, n]
         timings["v_star"] = time.perf_counter() - t0
 
         saved = adapter.snapshot(layers, biases=False)  # fp32 copies
@@ -211,4 +246,9 @@ class SpreadEditor(Editor):
             "update_norm": float(torch.stack([d.norm() for d in deltas.values()]).norm()),
             "update_rel": max(diagnostics.get(f"update_rel_l{layer}", float("inf")) for layer in layers),
         })
+        if cfg.mpes:
+            diagnostics["v_mpes_stop"] = sum(t.stop == "mpes" for t in found) / n  # the share MPES stopped
+        if cfg.norm_anchor:
+            diagnostics["v_value_norm"] = sum(t.value_norm for t in found) / n  # before anchoring
+            diagnostics["v_anchor_dropped"] = sum(t.anchor == "dropped" for t in found) / n
         return EditResult(deltas, diagnostics, timings)

@@ -11,7 +11,7 @@ steps on its last iteration.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -30,6 +30,7 @@ EARLY_STOP_LOSS = 5e-2
 class TargetValue:
     v_star: torch.Tensor  # [d_model] fp32: v0 + delta
     v0: torch.Tensor  # [d_model] the unmodified output at the subject token of the bare row
+    mlp0: torch.Tensor  # [d_model] the MLP output there (v0 itself for site "mlp")
     delta: torch.Tensor  # [d_model]
     loss_first: float
     loss_last: float
@@ -37,6 +38,9 @@ class TargetValue:
     kl_last: float
     steps: int  # Adam steps taken
     prob_new: float  # mean per-token probability of the target on the rewriting rows, last pass
+    stop: str = "steps"  # why it stopped: "loss" (below EARLY_STOP_LOSS), "mpes", or "steps" (the last iteration)
+    value_norm: float = float("nan")  # ‖m0 + δ‖ as optimised, m0 the MLP output at the subject token (NAS)
+    anchor: str = ""  # NAS: "scaled" to the reference norm, "dropped" (an outlier: δ = 0), or "" (off)
 
 
 def optimize_target(adapter: ModelAdapter, layer: int, prompt: str, subject: str, target: str,
@@ -48,7 +52,8 @@ def optimize_target(adapter: ModelAdapter, layer: int, prompt: str, subject: str
 def optimize_targets(adapter: ModelAdapter, layer: int, requests: Sequence[tuple[str, str, str]],
                      templates: Sequence[str], *, site: str = "mlp", steps: int = 20, lr: float = 0.5,
                      weight_decay: float = 0.5, clamp_norm_factor: float = 4.0, kl_factor: float = 0.0625,
-                     fact_token: str = "subject_last", loss_layer: int | None = None,
+                     fact_token: str = "subject_last", loss_layer: int | None = None, mpes: int = 0,
+                     anchor: float | None = None, anchor_outlier: float = 2.0,
                      full_logits: bool = False) -> list[TargetValue]:
     """The target value of each `(prompt, subject, target)` request, each optimised alone.
 
@@ -58,11 +63,20 @@ def optimize_targets(adapter: ModelAdapter, layer: int, requests: Sequence[tuple
     time up to float rounding; the cost of a step is paid once for all of them.
 
     `loss_layer` is the block whose output (through the final norm and the unembedding) the loss is
-    read from, None or the last block for the model's logits. `full_logits` computes the same
-    values as the reference's compute_v does (ROME `compute_v.py`): the model's logits at every
-    position, log-softmaxed everywhere, then the scored cells read. It costs a vocabulary
-    projection per position and exists so benchmarks can time the reference's way
-    (`benchmarks/protocol_speed.py`)."""
+    read from, None or the last block for the model's logits. `mpes` > 0 is ENCORE's most-probable
+    early stopping (docs/protocol.md §2.6): a request also stops, before stepping, on the `mpes`-th
+    iteration (counted over the whole loop, not in a row) on which its new target is the argmax at
+    every target token of every prefixed rewriting row (the bare "{}" row is not checked, as in
+    ENCORE's compute_z).
+
+    `anchor` is NAS's norm anchor (docs/protocol.md §2.6): the MLP-output part of the target,
+    m = m0 + δ (m0 the MLP output at the subject token of the bare row; for site "mlp" that is v0),
+    is rescaled to the norm `anchor`, or δ is dropped when ‖m‖ > `anchor_outlier` · `anchor`.
+
+    `full_logits` computes the same values as the reference's compute_v does (ROME `compute_v.py`):
+    the model's logits at every position, log-softmaxed everywhere, then the scored cells read. It
+    costs a vocabulary projection per position and exists so benchmarks can time the reference's
+    way (`benchmarks/protocol_speed.py`)."""
     if full_logits and loss_layer not in (None, adapter.n_layers - 1):
         raise EditscaleError("full_logits reads the model's own logits: it takes no v_loss_layer")
     if loss_layer is not None:
@@ -95,7 +109,8 @@ def optimize_targets(adapter: ModelAdapter, layer: int, requests: Sequence[tuple
         parts.append(_Request(rows=slice(first_row, first_row + n_rw + 1),
                               cells=slice(first_cell, first_cell + n_rw * n_target), kl_cell=len(cells) - 1,
                               labels=torch.tensor(target_ids * n_rw, device=adapter.device), n_rw=n_rw,
-                              n_target=n_target))
+                              n_target=n_target,
+                              checked=torch.tensor([t.strip() != "{}" for t in templates], device=adapter.device)))
         rows += mine
         lookup += at
 
@@ -105,9 +120,12 @@ def optimize_targets(adapter: ModelAdapter, layer: int, requests: Sequence[tuple
         p.requires_grad_(False)
     try:
         passes = _FullRows(adapter, rows, lookup, cells) if full_logits else _SuffixRows(adapter, rows, lookup, cells)
-        return _optimize(adapter, layer, site, passes, parts, loss_layer=loss_layer, steps=steps, lr=lr,
+        found = _optimize(adapter, layer, site, passes, parts, loss_layer=loss_layer, steps=steps, lr=lr,
                          weight_decay=weight_decay, clamp_norm_factor=clamp_norm_factor, kl_factor=kl_factor,
-                         full_logits=full_logits)
+                         mpes=mpes, full_logits=full_logits)
+        if anchor is not None:
+            found = [_anchored(t, anchor, anchor_outlier) for t in found]
+        return found
     finally:
         for p in was_trainable:
             p.requires_grad_(True)
@@ -122,6 +140,18 @@ class _Request:
     labels: torch.Tensor  # [n_rw * n_target] target ids
     n_rw: int
     n_target: int
+    checked: torch.Tensor  # [n_rw] bool: the rewriting rows MPES checks
+
+
+def _anchored(target: TargetValue, anchor: float, outlier: float) -> TargetValue:
+    """NAS: the target with its MLP-output part m0 + δ rescaled to norm `anchor` (δ dropped for an outlier)."""
+    m0 = target.mlp0
+    value = m0 + target.delta
+    if target.value_norm > outlier * anchor:
+        delta, how = torch.zeros_like(target.delta), "dropped"
+    else:
+        delta, how = value * (anchor / max(target.value_norm, 1e-10)) - m0, "scaled"
+    return replace(target, v_star=target.v0 + delta, delta=delta, anchor=how)
 
 
 class _FullRows:
@@ -194,7 +224,8 @@ class _SuffixRows:
 
 def _optimize(adapter: ModelAdapter, layer: int, site: str, passes: _FullRows | _SuffixRows,
               parts: Sequence[_Request], *, loss_layer: int | None, steps: int, lr: float, weight_decay: float,
-              clamp_norm_factor: float, kl_factor: float, full_logits: bool = False) -> list[TargetValue]:
+              clamp_norm_factor: float, kl_factor: float, mpes: int = 0,
+              full_logits: bool = False) -> list[TargetValue]:
     n = len(parts)
     delta = torch.zeros(n, adapter.d_model, dtype=torch.float32, device=adapter.device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=lr)  # elementwise: one Adam per request's row of delta
@@ -206,9 +237,10 @@ def _optimize(adapter: ModelAdapter, layer: int, site: str, passes: _FullRows | 
     found: list[TargetValue | None] = [None] * n
     loss_first = [float("nan")] * n
     n_steps = [0] * n
+    most_probable = [0] * n  # MPES: iterations on which the target was the argmax everywhere checked
     for it in range(steps):
         kwargs = passes.forward_kwargs()
-        with (adapter.record(site, layer, passes.lookup) as rec,
+        with (adapter.record(site, layer, passes.lookup) as rec, adapter.record("mlp", layer, passes.lookup) as mlp,
               adapter.intervene(site, layer, passes.lookup, delta[row_owner])):
             if full_logits:
                 every = torch.log_softmax(adapter.model(**kwargs).logits.float(), dim=-1)
@@ -218,6 +250,7 @@ def _optimize(adapter: ModelAdapter, layer: int, site: str, passes: _FullRows | 
                 hidden = adapter.block_hidden(None, loss_layer, **kwargs)
         if v0 is None:
             v0 = rec.last[bare_rows].detach().clone()  # each request's bare-template row
+            mlp0 = mlp.last[bare_rows].detach().clone()
         if full_logits:
             log_probs = every[passes.rows, passes.cols]
         else:
@@ -240,11 +273,18 @@ def _optimize(adapter: ModelAdapter, layer: int, site: str, passes: _FullRows | 
             loss_val = loss.item()
             if it == 0:
                 loss_first[k] = loss_val
-            if loss_val < EARLY_STOP_LOSS or it == steps - 1:
+            stop = "loss" if loss_val < EARLY_STOP_LOSS else "steps" if it == steps - 1 else None
+            if mpes:
+                hits = cell_lp.argmax(dim=-1).view(p.n_rw, p.n_target) == p.labels.view(p.n_rw, p.n_target)
+                most_probable[k] += int(bool(hits[p.checked].all()))
+                if most_probable[k] >= mpes:
+                    stop = "mpes"
+            if stop is not None:
                 d = delta[k].detach().clone()
-                found[k] = TargetValue(v_star=v0[k] + d, v0=v0[k], delta=d, loss_first=loss_first[k],
+                found[k] = TargetValue(v_star=v0[k] + d, v0=v0[k], mlp0=mlp0[k], delta=d, loss_first=loss_first[k],
                                        loss_last=loss_val, nll_last=nll.item(), kl_last=kl.item(), steps=n_steps[k],
-                                       prob_new=token_lp.detach().exp().mean().item())
+                                       prob_new=token_lp.detach().exp().mean().item(), stop=stop,
+                                       value_norm=float((mlp0[k] + d).norm()))
             else:
                 active.append(loss)
         if not active:
