@@ -276,7 +276,7 @@ def test_a_model_without_a_preset_gets_layers_by_the_depth_rule(model_dir: Path,
     with caplog.at_level(logging.WARNING, logger="editscale.methods.base"):
         rome = resolve_config(RunConfig(model=str(model_dir), method="rome")).method_config
     assert rome["layers"] == [1] and rome["v_loss_layer"] is None  # 2 blocks: round(2 * 17/48) = 1
-    xl = preset_mapping(get_method("rome"), "gpt2-xl")
+    xl = get_method("rome").config_class.parse(preset_mapping(get_method("rome"), "gpt2-xl")).model_dump(mode="json")
     assert {k: v for k, v in rome.items() if k not in ("layers", "v_loss_layer")} == \
         {k: v for k, v in xl.items() if k not in ("layers", "v_loss_layer")}
     (line,) = [r.getMessage() for r in caplog.records]
