@@ -54,6 +54,7 @@ def test_a_rome_run_on_the_embedded_model(rome_run) -> None:
     ("emmet", 2, {"v_num_grad_steps": 4, "mom2_n_samples": 300}),
     ("alphaedit", 2, {"v_num_grad_steps": 4, "mom2_n_samples": 300}),
     ("ft-c", 2, {"num_steps": 3}),
+    ("ultraedit", 2, {"warm_start": 4}),
 ])
 def test_every_method_runs_in_the_runner(tmp_path: Path, stats_cache: Path, method: str, batch: int,
                                           overrides: dict) -> None:
@@ -70,3 +71,5 @@ def test_every_method_runs_in_the_runner(tmp_path: Path, stats_cache: Path, meth
         assert not torch.equal(ckpt.params.biases[layer], base)
     if method == "alphaedit":  # the preserved keys travel with the checkpoint
         assert any(k.startswith("cache_c") for k in ckpt.editor_state)
+    if method == "ultraedit":  # so do the normaliser's statistics: 4 warm-start requests and 4 edits
+        assert float(ckpt.editor_state["normaliser.n"]) > 8

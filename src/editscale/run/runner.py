@@ -252,12 +252,12 @@ def build_editor(cfg: RunConfig, store: RunStore, adapter: ModelAdapter, model_n
     templates = store.read_json("templates.json") or {}
     anchors = store.read_json(ANCHORS_FILE) or {}
 
-    def anchor_requests() -> list[tuple[str, str, str]]:
+    def sample_requests() -> list[tuple[str, str, str]]:
         return [(r.prompt, r.subject, r.target_new) for r in load_records(cfg.dataset, data_path=cfg.data_path)]
 
     ctx = EditContext(model_name, seed=cfg.seed, templates=dict(templates),
                       stats_cache_dir=Path(cfg.stats_cache) if cfg.stats_cache else None, progress=progress,
-                      anchor_norms=dict(anchors), anchor_requests=anchor_requests)
+                      anchor_norms=dict(anchors), sample_requests=sample_requests)
     editor = editor_cls(adapter, editor_cls.config_class.parse(cfg.method_config), ctx)
     editor.ensure_prepared()  # before a checkpoint is loaded: statistics come from the base model
     if ctx.templates and ctx.templates != templates:

@@ -33,9 +33,10 @@ class EditContext:
     stats_cache_dir: Path | None = None
     progress: bool = True
     # NAS reference norms by "<site> layer <l>" (solver/anchor.py); a missing one is taken on first
-    # use, from `anchor_requests()`: (prompt, subject, target) of the run's records
+    # use, from `sample_requests()`: (prompt, subject, target) of the run's dataset records, which
+    # methods that take statistics from a sample of requests draw from (UltraEdit's warm start too)
     anchor_norms: dict[str, float] = field(default_factory=dict)
-    anchor_requests: Callable[[], Sequence[tuple[str, str, str]]] | None = field(default=None, repr=False)
+    sample_requests: Callable[[], Sequence[tuple[str, str, str]]] | None = field(default=None, repr=False)
     _cholesky: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
     _cond: dict[int, float] = field(default_factory=dict, repr=False)
 
@@ -53,13 +54,13 @@ class EditContext:
     def anchor_norm(self, adapter: ModelAdapter, layer: int, *, site: str, samples: int, trim: float,
                     **target_options: Any) -> float:
         """The NAS reference norm for a layer: given, or taken once (the runner calls Editor.prepare()
-        on the unedited model) from `anchor_requests`."""
+        on the unedited model) from `sample_requests`."""
         key = f"{site} layer {layer}"
         if key not in self.anchor_norms:
-            if self.anchor_requests is None:
+            if self.sample_requests is None:
                 raise EditscaleError("norm_anchor needs records to take its reference norm from: give the "
-                                     "EditContext anchor_requests (a run passes its dataset's) or anchor_norms")
-            self.anchor_norms[key] = reference_norm(adapter, layer, self.anchor_requests(), site=site,
+                                     "EditContext sample_requests (a run passes its dataset's) or anchor_norms")
+            self.anchor_norms[key] = reference_norm(adapter, layer, self.sample_requests(), site=site,
                                                     samples=samples, trim=trim, seed=self.seed, **target_options)
         return self.anchor_norms[key]
 
