@@ -25,7 +25,7 @@ $EDITSCALE_SHARED/data/tokenizers/gpt2 (else the tests' byte BPE; the script say
 $EDITSCALE_SHARED/data/counterfact/counterfact_subset.json (else the fact world); GLUE subsets from
 $EDITSCALE_SHARED/data/glue (else the fact world's four skills in the same formats).
 
-    python benchmarks/protocol_speed.py [--edits 20] [--every 10] [--glue-n 20] [--v-steps 20]
+    python benchmarks/protocol_speed.py [--edits 20] [--every 10] [--glue-n 200] [--v-steps 20]
                                         [--mom2-samples 200] [--threads 1] [--profile]
 """
 
@@ -248,7 +248,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--edits", type=int, default=20)
     ap.add_argument("--every", type=int, default=10, help="GLUE and forgetting every this many edits")
-    ap.add_argument("--glue-n", type=int, default=20, help="examples per downstream task (even)")
+    ap.add_argument("--glue-n", type=int, default=200, help="examples per downstream task (even; the paper's 200)")
     ap.add_argument("--v-steps", type=int, default=20, help="ROME's v* steps (the published 20)")
     ap.add_argument("--mom2-samples", type=int, default=200, help="corpus documents for ROME's C (setup only)")
     ap.add_argument("--threads", type=int, default=1)

@@ -164,8 +164,9 @@ class _FullRows:
         self.rows = torch.tensor([r for r, _ in cells], device=adapter.device)
         self.cols = torch.tensor([c for _, c in cells], device=adapter.device)
 
-    def forward_kwargs(self) -> dict[str, Any]:
-        return {"input_ids": self.batch["input_ids"], "attention_mask": self.batch["attention_mask"],
+    def forward_kwargs(self, keep: torch.Tensor) -> dict[str, Any]:
+        """The forward pass over the rows `keep` (indices, in order)."""
+        return {"input_ids": self.batch["input_ids"][keep], "attention_mask": self.batch["attention_mask"][keep],
                 "use_cache": False}
 
 
@@ -214,11 +215,13 @@ class _SuffixRows:
         self.rows = torch.tensor([r for r, _ in cells], device=device)
         self.cols = torch.tensor([c - lookup[r] for r, c in cells], device=device)
 
-    def forward_kwargs(self) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"input_ids": self.ids, "attention_mask": self.mask, "position_ids": self.positions,
-                                  "use_cache": True}
+    def forward_kwargs(self, keep: torch.Tensor) -> dict[str, Any]:
+        """The forward pass over the rows `keep` (indices, in order), on a fresh copy of their cache."""
+        kwargs: dict[str, Any] = {"input_ids": self.ids[keep], "attention_mask": self.mask[keep],
+                                  "position_ids": self.positions[keep], "use_cache": True}
         if self.kv:
-            kwargs[self.cache_arg] = cache_from(self.kv, len(self.lookup))
+            kv = self.kv if len(keep) == len(self.lookup) else [(k[keep], v[keep]) for k, v in self.kv]
+            kwargs[self.cache_arg] = cache_from(kv, len(keep))
         return kwargs
 
 
@@ -239,9 +242,20 @@ def _optimize(adapter: ModelAdapter, layer: int, site: str, passes: _FullRows | 
     n_steps = [0] * n
     most_probable = [0] * n  # MPES: iterations on which the target was the argmax everywhere checked
     for it in range(steps):
-        kwargs = passes.forward_kwargs()
-        with (adapter.record(site, layer, passes.lookup) as rec, adapter.record("mlp", layer, passes.lookup) as mlp,
-              adapter.intervene(site, layer, passes.lookup, delta[row_owner])):
+        # A finished request's rows leave the batch: the pass and the head run the others' only.
+        going = [k for k in range(n) if found[k] is None]
+        keep = torch.cat([torch.arange(parts[k].rows.start, parts[k].rows.stop) for k in going]).to(adapter.device)
+        place = torch.full((len(row_owner),), -1, dtype=torch.long, device=adapter.device)
+        place[keep] = torch.arange(len(keep), device=adapter.device)
+        cells, at = [], {}
+        for k in going:  # each request's target cells, then its KL cell, in the pass's own rows
+            at[k] = len(cells)
+            cells += [*range(parts[k].cells.start, parts[k].cells.stop), parts[k].kl_cell]
+        cells_t = torch.tensor(cells, device=adapter.device)
+        lookup = [passes.lookup[i] for i in keep.tolist()]
+        kwargs = passes.forward_kwargs(keep)
+        with (adapter.record(site, layer, lookup) as rec, adapter.record("mlp", layer, lookup) as mlp,
+              adapter.intervene(site, layer, lookup, delta[row_owner[keep]])):
             if full_logits:
                 every = torch.log_softmax(adapter.model(**kwargs).logits.float(), dim=-1)
             elif loss_layer is None:
@@ -249,21 +263,22 @@ def _optimize(adapter: ModelAdapter, layer: int, site: str, passes: _FullRows | 
             else:
                 hidden = adapter.block_hidden(None, loss_layer, **kwargs)
         if v0 is None:
-            v0 = rec.last[bare_rows].detach().clone()  # each request's bare-template row
+            v0 = rec.last[bare_rows].detach().clone()  # each request's bare-template row (all rows run first)
             mlp0 = mlp.last[bare_rows].detach().clone()
+        rows_t, cols_t = place[passes.rows[cells_t]], passes.cols[cells_t]
         if full_logits:
-            log_probs = every[passes.rows, passes.cols]
+            log_probs = every[rows_t, cols_t]
         else:
             # only the scored cells go through the output head: the target positions, then the KL one
-            log_probs = torch.log_softmax(adapter.unembed(hidden[passes.rows, passes.cols]).float(), dim=-1)
+            log_probs = torch.log_softmax(adapter.unembed(hidden[rows_t, cols_t]).float(), dim=-1)
         active: list[torch.Tensor] = []
-        for k, p in enumerate(parts):
-            if found[k] is not None:
-                continue
-            cell_lp = log_probs[p.cells]
+        for k in going:
+            p = parts[k]
+            n_cells = p.cells.stop - p.cells.start
+            cell_lp = log_probs[at[k]:at[k] + n_cells]
             token_lp = cell_lp[torch.arange(len(p.labels), device=cell_lp.device), p.labels].view(p.n_rw, p.n_target)
             nll = -(token_lp.mean(dim=1)).mean()
-            kl_lp = log_probs[p.kl_cell]
+            kl_lp = log_probs[at[k] + n_cells]
             if it == 0:
                 kl_init.append(kl_lp.detach().clone())
             # KL(P_delta || P_init), as kl_div(init, current, log_target=True) in the reference
