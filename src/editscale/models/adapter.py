@@ -586,6 +586,19 @@ class ModelAdapter:
         return self.module(SITES[site], layer)
 
     @contextmanager
+    def frozen(self) -> Iterator[None]:
+        """While active, no model parameter requires a gradient (an editor's gradients go to its own
+        tensors); the flags are restored on the way out."""
+        was_trainable = [p for p in self.model.parameters() if p.requires_grad]
+        for p in was_trainable:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in was_trainable:
+                p.requires_grad_(True)
+
+    @contextmanager
     def intervene(self, site: str, layer: int, positions: Positions, delta: torch.Tensor) -> Iterator[None]:
         """While active, add `delta` to the output of a module at one token per row.
 

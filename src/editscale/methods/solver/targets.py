@@ -114,21 +114,14 @@ def optimize_targets(adapter: ModelAdapter, layer: int, requests: Sequence[tuple
         rows += mine
         lookup += at
 
-    # gradients flow to the deltas only; parameter flags are restored on the way out
-    was_trainable = [p for p in adapter.model.parameters() if p.requires_grad]
-    for p in was_trainable:
-        p.requires_grad_(False)
-    try:
+    with adapter.frozen():  # gradients flow to the deltas only
         passes = _FullRows(adapter, rows, lookup, cells) if full_logits else _SuffixRows(adapter, rows, lookup, cells)
         found = _optimize(adapter, layer, site, passes, parts, loss_layer=loss_layer, steps=steps, lr=lr,
-                         weight_decay=weight_decay, clamp_norm_factor=clamp_norm_factor, kl_factor=kl_factor,
-                         mpes=mpes, full_logits=full_logits)
-        if anchor is not None:
-            found = [_anchored(t, anchor, anchor_outlier) for t in found]
-        return found
-    finally:
-        for p in was_trainable:
-            p.requires_grad_(True)
+                          weight_decay=weight_decay, clamp_norm_factor=clamp_norm_factor, kl_factor=kl_factor,
+                          mpes=mpes, full_logits=full_logits)
+    if anchor is not None:
+        found = [_anchored(t, anchor, anchor_outlier) for t in found]
+    return found
 
 
 @dataclass(frozen=True)

@@ -111,14 +111,8 @@ class UltraEditEditor(Editor):
         """Per edited layer: the MLP output projection's inputs [N, d_mlp] and output gradients [N, d_model]
         at the answer positions (those predicting a target token), fp32 on CPU; one forward and backward
         pass of the mean next-token loss over each chunk's answer tokens."""
-        was_trainable = [p for p in self.adapter.model.parameters() if p.requires_grad]
-        for p in was_trainable:  # gradients reach the edited modules' outputs only
-            p.requires_grad_(False)
-        try:
+        with self.adapter.frozen():  # gradients reach the edited modules' outputs only
             return self._features(requests)
-        finally:
-            for p in was_trainable:
-                p.requires_grad_(True)
 
     def _features(self, requests: Sequence[EditRequest]) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
         cfg, adapter = self.config, self.adapter
