@@ -39,8 +39,11 @@ def test_models_lists_families_and_presets(run_cli) -> None:
 def test_methods_lists_every_method_and_its_presets(run_cli) -> None:
     code, out, err = run_cli("methods")
     assert code == 0, err
-    for name in ("rome", "r-rome", "memit", "emmet", "alphaedit", "ft-c", "gpt2-xl"):
+    for name in ("rome", "r-rome", "memit", "emmet", "alphaedit", "encore", "ultraedit", "ft-c", "gpt2-xl",
+                 "meta-llama-3-8b"):
         assert name in out
+    rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") > 3}
+    assert "yes" in rows["encore"].split("│")[4] and "-" in rows["ultraedit"].split("│")[4]  # mpes / norm_anchor
 
 
 def test_malformed_counterfact_record_is_named(run_cli, tmp_path: Path) -> None:

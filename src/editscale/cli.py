@@ -473,15 +473,18 @@ def report(runs: Annotated[list[Path], typer.Argument(help="Run directories (fin
 def methods() -> None:
     """List the editing methods and the models they ship hyper-parameters for."""
     from editscale.methods.base import get_method, list_methods, preset_names
+    from editscale.methods.config import TargetConfig
 
     t = Table(title="Editing methods")
-    for col in ("method", "batch", "layers (embedded)", "presets", "what it does"):
+    for col in ("method", "batch", "layers (embedded)", "mpes / norm_anchor", "presets", "what it does"):
         t.add_column(col)
     for name in list_methods():
         cls = get_method(name)
         presets = preset_names(cls)
         layers = str(cls.default_config("embedded").layers) if "embedded" in presets else "-"
-        t.add_row(name, "yes" if cls.supports_batch else "no (one at a time)", layers, ", ".join(presets),
+        # the options of the shared target optimisation (docs/protocol.md §2.6)
+        targets = "yes" if issubclass(cls.config_class, TargetConfig) else "-"
+        t.add_row(name, "yes" if cls.supports_batch else "no (one at a time)", layers, targets, ", ".join(presets),
                   cls.summary)
     console.print(t)
 
