@@ -134,3 +134,30 @@ def test_table_8_shows_the_model_around_the_collapse() -> None:
     assert [(e["edits_done"], e["when"]) for e in ex] == [(0, "unedited"), (30, "before the collapse"),
                                                          (40, "after the collapse"), (50, "last")]
     assert ex[2]["generations"][0]["text"] == "at 40" and ex[2]["text_nll"] == 7.0
+
+
+def _with_es_w50(run: RunData) -> RunData:
+    for i, r in enumerate(run.edits):
+        window = run.edits[max(0, i - 49):i + 1]
+        r["es_w50"] = sum(x["es"] for x in window) / len(window)
+    return run
+
+
+def test_lasting_edits_stop_at_the_first_checkpoint_below_either_floor() -> None:
+    from editscale.analysis.phases import lasting_edits
+
+    # control facts at 95% until 40 edits, 85% from 50: the run lasted 40 edits
+    run = _with_es_w50(synthetic_run([1.0] * 80, [1.0] * 80, control={k: 95.0 if k <= 40 else 85.0
+                                                                       for k in range(10, 81, 10)}))
+    assert lasting_edits(run) == (40, True)
+    # ES of the last 50 edits below 0.9 at the first checkpoint (5 of 10): it lasted no edit
+    good_control = {k: 95.0 for k in range(10, 61, 10)}
+    run = _with_es_w50(synthetic_run([1.0] * 60, [1.0] * 5 + [0.0] * 55, control=good_control))
+    assert lasting_edits(run) == (0, True)
+    run = _with_es_w50(synthetic_run([1.0] * 60, [1.0] * 25 + [0.5] * 35, control=good_control))
+    assert lasting_edits(run) == (30, True)  # ES50 at 30 edits: 27.5 / 30 = 0.92; at 40: 32.5 / 40 = 0.81
+    # never below: the whole run, and Table 3 says so
+    run = _with_es_w50(synthetic_run([1.0] * 40, [1.0] * 40, control={k: 99.0 for k in range(10, 41, 10)}))
+    assert lasting_edits(run) == (40, False)
+    (row,) = method_properties([run], [analyze(run)])
+    assert row["edits_lasting"] == 40 and row["lasting_all_runs"]

@@ -117,7 +117,7 @@ def test_a_nonfinite_update_is_skipped_or_stops_the_run(world, tmp_path: Path) -
     summary = quiet(skip, tmp_path / "skip").run()
     rows = RunStore(tmp_path / "skip").rows("edits")
     assert [r["status"] for r in rows] == ["ok", "ok", "nonfinite", "ok", "ok"]
-    assert rows[2]["bad_layers"] == [0, 1] and summary["nonfinite_edits"] == [2]
+    assert rows[2]["bad_layers"] == ["0", "1"] and summary["nonfinite_edits"] == [2]
     assert rows[3]["diagnostics"]["applied_before"] == 2  # after_apply is not called for a skipped update
     stop = skip.model_copy(update={"on_nonfinite": "stop"})
     summary = quiet(stop, tmp_path / "stop").run()

@@ -481,7 +481,12 @@ def methods() -> None:
     for name in list_methods():
         cls = get_method(name)
         presets = preset_names(cls)
-        layers = str(cls.default_config("embedded").layers) if "embedded" in presets else "-"
+        layers = "-"
+        if "embedded" in presets:
+            embedded = cls.default_config("embedded")
+            layers = str(embedded.layers)
+            if getattr(embedded, "in_layers", None):
+                layers = f"out {layers}, in {embedded.in_layers}"
         # the options of the shared target optimisation (docs/protocol.md §2.6)
         targets = "yes" if issubclass(cls.config_class, TargetConfig) else "-"
         t.add_row(name, "yes" if cls.supports_batch else "no (one at a time)", layers, targets, ", ".join(presets),
@@ -523,6 +528,52 @@ def train_embedded(out: Annotated[Path, typer.Option(help="Work directory (resum
     if install:
         dest = install_checkpoint(final)
         console.print(f"installed into {dest}; run `editscale model-card` to measure and write its card")
+
+
+@app.command("train-mend")
+def train_mend(model: ModelOpt = "embedded",
+               dataset: Annotated[str, typer.Option(help="Where the training facts come from: the fact world's "
+                                                         "own training facts (factworld, factworld-insert), or "
+                                                         "a dataset's records outside --exclude-sample.")]
+               = "factworld-insert",
+               data_path: Annotated[str | None, typer.Option(help="Local dataset file.")] = None,
+               exclude_sample: Annotated[str | None, typer.Option(
+                   help="Sample file whose case ids are never trained on (the runs' evaluation edits).")] = None,
+               out: Annotated[Path | None, typer.Option(
+                   help="Output directory (rerun to resume); default: the cache entry --method mend reads.")]
+               = None,
+               steps: Annotated[int | None, typer.Option(help="Optimiser steps (over the preset's).")] = None,
+               config: Annotated[Path | None, typer.Option(help="YAML of training settings (MendTrainConfig).")]
+               = None,
+               method_config: Annotated[Path | None, typer.Option(help="YAML of MEND hyper-parameters.")] = None,
+               set_: Annotated[list[str] | None, typer.Option(
+                   "--set", help="Override a training setting or MEND hyper-parameter, KEY=VALUE.")] = None,
+               device: DeviceOpt = "cpu",
+               threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
+               progress: ProgressOpt = True) -> None:
+    """Train MEND's editor network for a model, then edit with `run --method mend`."""
+    from editscale.config_files import read_yaml_mapping
+    from editscale.methods.mend.config import MendConfig, MendTrainConfig
+    from editscale.run.train_mend import train_mend as train
+
+    train_given = read_yaml_mapping(config, "MEND training config") if config is not None else {}
+    method_given = read_yaml_mapping(method_config, "method config") if method_config is not None else {}
+    for key, value in _parse_sets(set_).items():
+        if key in MendTrainConfig.model_fields:
+            train_given[key] = value
+        elif key in MendConfig.model_fields:
+            method_given[key] = value
+        else:
+            raise EditscaleError(f"--set {key}: neither a MEND training setting nor a MEND hyper-parameter")
+    if steps is not None:
+        train_given["steps"] = steps
+    where, last = train(model, dataset=dataset, data_path=data_path, exclude_sample=exclude_sample, out=out,
+                        method_given=method_given, train_given=train_given, device=device, threads=threads,
+                        progress=progress, log=console.print)
+    console.print(f"MEND network for {model} in {where}: held-out ES {last['es']:.2f}, PS {last['ps']:.2f}, "
+                  f"neighbourhood KL {last['loc_kl']:.4f} after {int(last['step'])} steps")
+    console.print(f"edit with: editscale run --model {model} --method mend"
+                  + ("" if out is None else f" --mend-weights {where}"))
 
 
 @app.command("model-card")

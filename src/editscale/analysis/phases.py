@@ -141,6 +141,28 @@ def milestones(run: RunData, rule: PhaseRule) -> dict[str, int | None]:
     }
 
 
+LASTING_ES, LASTING_CONTROL = 0.9, 90.0
+
+
+def lasting_edits(run: RunData, *, es_floor: float = LASTING_ES, control_floor: float = LASTING_CONTROL
+                  ) -> tuple[int, bool]:
+    """How many edits a run lasted: the edits done at the last checkpoint up to which, at every
+    checkpoint, the ES of the last 50 edits was at least `es_floor` and the control facts' recall at
+    least `control_floor` percent (they are chosen among the facts the unedited model knows, so
+    their recall starts at 100%). Returns (edits, whether a checkpoint fell short); a run that
+    never fell short lasted its whole length."""
+    es = [r for r in run.ok_edits if r.get("es_w50") is not None]
+    lasted = 0
+    for f in run.forgetting:
+        done = f["edits_done"]
+        before = [r["es_w50"] for r in es if r["index"] < done]
+        control = f.get("control_known_pct")
+        if (before and before[-1] < es_floor) or (control is not None and control < control_floor):
+            return lasted, True
+        lasted = done
+    return max(lasted, run.edits_done), False
+
+
 def analyze(run: RunData, rule: PhaseRule | None = None) -> dict[str, Any]:
     """The phases of a run and every disabling candidate with what surrounds it: its update size
     against the median before it, the distance before and after, ES of the following edits,

@@ -8,6 +8,8 @@ computed from the runs given and averaged over the runs of one method, model and
 - efficacy until the collapse: mean ES of the edits of the gradual phase;
 - locality: mean NS of the edits of the gradual phase;
 - edits before the collapse: the collapse point (none: the run's length, marked as not observed);
+- edits it lasts: while ES over the last 50 edits stays at least 0.9 and the control facts' recall at
+  least 90% (`analysis.phases.lasting_edits`);
 - downstream loss: mean over tasks of initial F1 minus the last F1 measured;
 - facts forgotten: share of successful edits forgotten at the last checkpoint (both criteria);
 - single disabling edit: whether `retest` found an update that disables the unedited model by
@@ -21,6 +23,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
+from editscale.analysis.phases import lasting_edits
 from editscale.analysis.rundata import RunData
 
 
@@ -64,10 +67,12 @@ def run_properties(run: RunData, analysis: dict[str, Any]) -> dict[str, Any]:
         loss = _mean([first[t]["f1"] - last[t]["f1"] for t in first if t in last])
     last_f = run.forgetting[-1] if run.forgetting else {}
     tested = [r for r in run.retest if r["kind"] == "candidate" and r.get("method") == run.config.method]
+    lasted, fell_short = lasting_edits(run)
     return {"run": run.path.name, "method": run.config.method, "model": run.config.model,
             "batch_size": run.batch_size, "sample": run.config.sample, "edits_done": run.edits_done,
             "efficacy_gradual": _mean([r["es"] for r in gradual]),
             "locality_gradual": _mean([r["ns"] for r in gradual]),
+            "edits_lasting": lasted, "fell_short": fell_short,
             "edits_before_collapse": analysis["collapse_index"], "collapse_observed": analysis["collapse_index"]
             is not None, "downstream_f1_loss": loss,
             "forgotten_paper_pct": last_f.get("paper_forgotten_pct"),
@@ -89,6 +94,8 @@ def method_properties(runs: Sequence[RunData], analyses: Sequence[dict[str, Any]
                     "efficacy_gradual": _mean([p["efficacy_gradual"] for p in props]),
                     "locality_gradual": _mean([p["locality_gradual"] for p in props]),
                     "collapses": len(collapses), "edits_before_collapse": _mean(collapses),
+                    "edits_lasting": _mean([p["edits_lasting"] for p in props]),
+                    "lasting_all_runs": not any(p["fell_short"] for p in props),
                     "downstream_f1_loss": _mean([p["downstream_f1_loss"] for p in props]),
                     "forgotten_paper_pct": _mean([p["forgotten_paper_pct"] for p in props]),
                     "forgotten_prob_pct": _mean([p["forgotten_prob_pct"] for p in props]),

@@ -84,3 +84,23 @@ def load_records(dataset: str, *, data_path: Path | str | None = None, limit: in
         raise EditscaleError(f"the number of records must be >= 0, got {limit}")
     records = DATASETS[dataset](Path(data_path) if data_path is not None else None)
     return records[:limit] if limit is not None else records
+
+
+def training_records(dataset: str, n: int, *, data_path: Path | str | None = None,
+                     exclude: set[int] | None = None) -> list[EditRecord]:
+    """Up to `n` records for training an editor network (MEND) that a run of `dataset` never edits.
+
+    The fact world's datasets have their own: insertion facts generated after the evaluation ones
+    (`factworld.insert.training_records`). Other datasets have no training split: their records
+    whose case_id is not in `exclude` (the evaluation sample) are used, in file order.
+    """
+    if dataset in ("factworld", "factworld-insert"):
+        from editscale.data.factworld import default_world
+        from editscale.data.factworld.insert import training_records as world_training
+
+        return world_training(default_world(), n)
+    excluded = exclude or set()
+    kept = [r for r in load_records(dataset, data_path=data_path) if r.case_id not in excluded]
+    if not kept:
+        raise EditscaleError(f"no {dataset} records left to train on after excluding {len(excluded)} case ids")
+    return kept[:n]

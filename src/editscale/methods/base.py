@@ -57,9 +57,22 @@ class EditResult:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
     # layer -> [d_model] fp32 delta of the MLP-output bias (FT-C trains it; closed-form methods never do)
     bias_deltas: dict[int, torch.Tensor] = field(default_factory=dict)
+    # layer -> [d_mlp, d_model] fp32 delta of the MLP-input map (MEND edits both maps of a block)
+    in_deltas: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def all_finite(self) -> bool:
-        return all(bool(torch.isfinite(d).all()) for d in (*self.deltas.values(), *self.bias_deltas.values()))
+        return not self.nonfinite_parts()
+
+    def nonfinite_parts(self) -> list[str]:
+        """The edited parameters whose delta holds NaN or inf, by drift name ("3", "mlp_in.3")."""
+        parts = [*((str(k), d) for k, d in self.deltas.items()), *((str(k), d) for k, d in self.bias_deltas.items()),
+                 *((in_name(k), d) for k, d in self.in_deltas.items())]
+        return sorted({name for name, d in parts if not bool(torch.isfinite(d).all())})
+
+
+def in_name(layer: int) -> str:
+    """How an MLP-input map is named in drift rows and diagnostics (an output map is named by its layer)."""
+    return f"mlp_in.{layer}"
 
 
 def preset_slug(model_name: str) -> str:
@@ -113,6 +126,12 @@ class Editor(ABC):
         (AlphaEdit accumulates the applied keys). The model must be left as it is. Default: nothing.
         """
         return None
+
+    @property
+    def in_layers(self) -> list[int]:
+        """Blocks whose MLP-input map this editor writes (`EditResult.in_deltas`); most edit only the
+        output map of `config.layers`. The runner snapshots, checkpoints and measures drift of both."""
+        return []
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """State that must survive a resume besides the weights (saved with the run's checkpoint).
@@ -197,6 +216,8 @@ def generic_preset(cls: type[Editor], model_name: str, given: Mapping[str, Any],
         how = f"layers {list(given['layers'])} as given"
     else:
         generic["layers"] = depth_rule_layers(len(generic["layers"]), int(n_layers or 0), family)
+        if generic.get("in_layers"):  # a method that also edits input maps (MEND) edits the same blocks'
+            generic["in_layers"] = generic["layers"]
         how = f"layers {generic['layers']} of {n_layers} by the depth rule (docs/protocol.md §2.8.1)"
     log.warning("no %s preset for model '%s': %s, the other hyper-parameters from its %s preset",
                 cls.name, model_name, how, GENERIC_PRESET)
@@ -235,9 +256,11 @@ def apply_bias_deltas(adapter: ModelAdapter, bias_deltas: dict[int, torch.Tensor
 
 
 def apply_result(adapter: ModelAdapter, result: EditResult, *, sign: float = 1.0) -> None:
-    """Write (sign=+1) or remove (sign=-1) everything an edit changes: weights and biases."""
+    """Write (sign=+1) or remove (sign=-1) everything an edit changes: weights, biases, input maps."""
     apply_deltas(adapter, result.deltas, sign=sign)
     apply_bias_deltas(adapter, result.bias_deltas, sign=sign)
+    for layer, delta in result.in_deltas.items():
+        adapter.add_to_weight("mlp_in", layer, sign * delta)
 
 
 _METHODS: dict[str, type[Editor]] = {}

@@ -36,6 +36,8 @@ from editscale.models.families import LAYER_ROLES, SPACING_OFFSETS, Family, fami
 SUBJECT_MODES = ("subject_last", "subject_first", "subject_first_after_last", "last")
 # Module roles whose output has the hidden size and can be read or shifted at a token.
 SITES = {"mlp": "mlp", "mlp_out": "mlp_out", "attn": "attn", "block": "block"}
+EDIT_ROLES = ("mlp_out", "mlp_in")  # the linear maps editors may write (get_weight / add_to_weight)
+_SHAPES = {"mlp_out": "[d_model, d_mlp]", "mlp_in": "[d_mlp, d_model]"}  # their canonical [out, in]
 # A target scored without a prompt still needs a word before it, because SentencePiece and
 # byte-level tokenizers only agree on how " Paris" splits once a space separates it from something.
 _TARGET_ANCHOR = "A"
@@ -81,12 +83,13 @@ class Recording:
 
 @dataclass
 class EditedParams:
-    """Copies of MLP-output parameters: weights in the canonical [d_model, d_mlp] orientation and
-    biases [d_model], both fp32. Taken by `ModelAdapter.snapshot`, written back by `restore`
-    exactly (fp32 holds every half-precision value)."""
+    """Copies of edited parameters: MLP-output weights in the canonical [d_model, d_mlp] orientation,
+    their biases [d_model], and MLP-input weights [d_mlp, d_model], all fp32. Taken by
+    `ModelAdapter.snapshot`, written back by `restore` exactly (fp32 holds every half-precision value)."""
 
     weights: dict[int, torch.Tensor] = field(default_factory=dict)
     biases: dict[int, torch.Tensor] = field(default_factory=dict)
+    in_weights: dict[int, torch.Tensor] = field(default_factory=dict)  # MLP-input maps, [d_mlp, d_model]
 
 
 class ModelAdapter:
@@ -110,11 +113,11 @@ class ModelAdapter:
 
     @property
     def d_model(self) -> int:
-        return self._canonical_shape(0)[0]
+        return self._canonical_shape("mlp_out", 0)[0]
 
     @property
     def d_mlp(self) -> int:
-        return self._canonical_shape(0)[1]
+        return self._canonical_shape("mlp_out", 0)[1]
 
     @property
     def device(self) -> torch.device:
@@ -167,52 +170,70 @@ class ModelAdapter:
         embed or unembed."""
         return self.model.get_submodule(self.module_name(role, layer))
 
-    # ------------------------------------------------------------------ MLP output weight
+    # ------------------------------------------------------------------ edited weights
+    # Editors read and write the MLP's linear maps through these, in one canonical orientation,
+    # [out_features, in_features] (mlp_out: [d_model, d_mlp]; mlp_in: [d_mlp, d_model]), whatever the
+    # family stores (Conv1D keeps [in, out]) and wherever the layer lives (another device, offloaded).
+
+    def weight_name(self, role: str, layer: int) -> str:
+        if role not in EDIT_ROLES:
+            raise EditscaleError(f"role '{role}' is not an editable weight; editable: {', '.join(EDIT_ROLES)}")
+        return self.module_name(role, layer) + ".weight"
 
     def mlp_out_weight_name(self, layer: int) -> str:
-        return self.module_name("mlp_out", layer) + ".weight"
+        return self.weight_name("mlp_out", layer)
 
-    def _mlp_out_param(self, layer: int) -> nn.Parameter:
-        return self.module("mlp_out", layer).weight
-
-    def _canonical_shape(self, layer: int) -> tuple[int, int]:
-        rows, cols = self._mlp_out_param(layer).shape
+    def _canonical_shape(self, role: str, layer: int) -> tuple[int, int]:
+        rows, cols = self.module(role, layer).weight.shape
         return (cols, rows) if self.family.conv1d_weights else (rows, cols)
 
-    def _to_storage(self, layer: int, matrix: torch.Tensor, what: str) -> torch.Tensor:
-        expected = self._canonical_shape(layer)
+    def _to_storage(self, role: str, layer: int, matrix: torch.Tensor, what: str) -> torch.Tensor:
+        expected = self._canonical_shape(role, layer)
         if tuple(matrix.shape) != expected:
             raise EditscaleError(
-                f"{what} for layer {layer} must have shape [d_model, d_mlp] = {list(expected)}, "
+                f"{what} for {role} of layer {layer} must have shape {_SHAPES[role]} = {list(expected)}, "
                 f"got {list(matrix.shape)}"
             )
         # The family flag decides the transpose, never the shape: square matrices fit either way.
         return matrix.t() if self.family.conv1d_weights else matrix
 
-    def get_mlp_out_weight(self, layer: int) -> torch.Tensor:
-        """W of the MLP output projection as a detached fp32 copy, shape [d_model, d_mlp]."""
-        weight = tensor_value(self.model, self.mlp_out_weight_name(layer)).detach()
+    def get_weight(self, role: str, layer: int) -> torch.Tensor:
+        """The weight of `role` ("mlp_out" or "mlp_in") as a detached fp32 copy, [out, in]."""
+        weight = tensor_value(self.model, self.weight_name(role, layer)).detach()
         if self.family.conv1d_weights:
             weight = weight.t()
         return weight.to(torch.float32, copy=True).contiguous()
 
-    def set_mlp_out_weight(self, layer: int, weight: torch.Tensor) -> None:
-        """Overwrite W (given as [d_model, d_mlp]); cast to the parameter's dtype and device."""
-        stored = self._to_storage(layer, weight, "weight")
-        update_tensor(self.model, self.mlp_out_weight_name(layer), lambda current: stored)
+    def set_weight(self, role: str, layer: int, weight: torch.Tensor) -> None:
+        """Overwrite the weight (given as [out, in]); cast to the parameter's dtype and device."""
+        stored = self._to_storage(role, layer, weight, "weight")
+        update_tensor(self.model, self.weight_name(role, layer), lambda current: stored)
 
-    def add_to_mlp_out_weight(self, layer: int, delta: torch.Tensor) -> None:
-        """W += delta (delta given as [d_model, d_mlp])."""
-        stored = self._to_storage(layer, delta, "delta")
+    def add_to_weight(self, role: str, layer: int, delta: torch.Tensor) -> None:
+        """W += delta (delta given as [out, in])."""
+        stored = self._to_storage(role, layer, delta, "delta")
         # Sum in fp32 and round once; adding a pre-rounded half-precision delta would lose the tiny
         # per-element updates entirely (docs/protocol.md §10.15).
-        update_tensor(self.model, self.mlp_out_weight_name(layer),
+        update_tensor(self.model, self.weight_name(role, layer),
                       lambda current: current.float() + stored.to(device=current.device, dtype=torch.float32))
 
+    def weight_offloaded(self, role: str, layer: int) -> bool:
+        """Whether accelerate offloaded the weight (its parameter is then on `meta`, so only the
+        get/set/add methods here reach its values, not the module's parameters)."""
+        return _offload_slot(self.model, self.weight_name(role, layer)) is not None
+
+    def get_mlp_out_weight(self, layer: int) -> torch.Tensor:
+        """W of the MLP output projection as a detached fp32 copy, shape [d_model, d_mlp]."""
+        return self.get_weight("mlp_out", layer)
+
+    def set_mlp_out_weight(self, layer: int, weight: torch.Tensor) -> None:
+        self.set_weight("mlp_out", layer, weight)
+
+    def add_to_mlp_out_weight(self, layer: int, delta: torch.Tensor) -> None:
+        self.add_to_weight("mlp_out", layer, delta)
+
     def mlp_out_offloaded(self, layer: int) -> bool:
-        """Whether accelerate offloaded layer `layer`'s MLP output projection (its parameters are then
-        on `meta`, so only the get/set/add methods here reach its values, not the module's parameters)."""
-        return _offload_slot(self.model, self.mlp_out_weight_name(layer)) is not None
+        return self.weight_offloaded("mlp_out", layer)
 
     def _mlp_out_bias_name(self, layer: int) -> str | None:
         module = self.module("mlp_out", layer)
@@ -238,10 +259,12 @@ class ModelAdapter:
         update_tensor(self.model, self._require_mlp_out_bias(layer),
                       lambda current: current.float() + delta.to(device=current.device, dtype=torch.float32))
 
-    def snapshot(self, layers: Iterable[int], *, biases: bool = True) -> EditedParams:
-        """Copies of the MLP-output weights (and biases, where they exist) of `layers`."""
+    def snapshot(self, layers: Iterable[int], *, biases: bool = True, in_layers: Iterable[int] = ()) -> EditedParams:
+        """Copies of the MLP-output weights (and biases, where they exist) of `layers`, and of the
+        MLP-input weights of `in_layers` (methods that edit both maps, MEND)."""
         layers = list(layers)
-        params = EditedParams({layer: self.get_mlp_out_weight(layer) for layer in layers})
+        params = EditedParams({layer: self.get_mlp_out_weight(layer) for layer in layers},
+                              in_weights={layer: self.get_weight("mlp_in", layer) for layer in in_layers})
         if biases:
             for layer in layers:
                 bias = self.get_mlp_out_bias(layer)
@@ -255,6 +278,8 @@ class ModelAdapter:
             self.set_mlp_out_weight(layer, weight)
         for layer, bias in params.biases.items():
             self.set_mlp_out_bias(layer, bias)
+        for layer, weight in params.in_weights.items():
+            self.set_weight("mlp_in", layer, weight)
 
     # ------------------------------------------------------------------ tokenisation
 

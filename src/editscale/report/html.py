@@ -168,6 +168,8 @@ def property_rows(runs: Sequence[RunData], analyses: Sequence[dict[str, Any]]) -
                     "edits before the collapse": (_fmt(p["edits_before_collapse"], ".0f") + f" ({p['collapses']} of "
                                                   f"{p['runs']} runs)") if p["collapses"]
                     else f"not observed in {p['edits']}",
+                    "edits lasting (ES50 ≥ 0.9, control ≥ 90%)": _fmt(p["edits_lasting"], ".0f")
+                    + (" (the whole run)" if p["lasting_all_runs"] else ""),
                     "downstream F1 loss": _fmt(p["downstream_f1_loss"]),
                     "facts forgotten (paper / prob.)": f"{_fmt(p['forgotten_paper_pct'], '.0f')}% / "
                                                        f"{_fmt(p['forgotten_prob_pct'], '.0f')}%",

@@ -7,6 +7,7 @@ holds two files:
         layer<L>          the MLP-output weight of edited layer L, [d_model, d_mlp]: the adapter's
                           canonical orientation, whatever the family stores (Conv1D or Linear)
         bias<L>           that projection's bias, [d_model], when it has one (FT-C trains it)
+        mlp_in<L>         the MLP-input weight of layer L, [d_mlp, d_model], for methods that edit it (MEND)
         editor.<name>     the editor's own state, `Editor.state_dict()` (AlphaEdit: cache_c.layer<L>)
     state.json
         edits_done        edits made when the checkpoint was taken
@@ -32,7 +33,7 @@ from editscale.models.loading import LoadedModel, load_model
 from editscale.run.config import load_config
 from editscale.run.store import RunStore
 
-WEIGHT, BIAS, EDITOR = "layer", "bias", "editor."
+WEIGHT, BIAS, IN_WEIGHT, EDITOR = "layer", "bias", "mlp_in", "editor."
 
 
 @dataclass
@@ -50,6 +51,7 @@ def save_checkpoint(store: RunStore, params: EditedParams, editor_state: dict[st
                     state: dict[str, Any]) -> None:
     tensors = {f"{WEIGHT}{layer}": w.float() for layer, w in params.weights.items()}
     tensors.update({f"{BIAS}{layer}": b.float() for layer, b in params.biases.items()})
+    tensors.update({f"{IN_WEIGHT}{layer}": w.float() for layer, w in params.in_weights.items()})
     tensors.update({f"{EDITOR}{name}": t for name, t in editor_state.items()})
     store.save_checkpoint(tensors, state)
 
@@ -68,6 +70,8 @@ def load_checkpoint(store: RunStore) -> RunCheckpoint | None:
             params.weights[int(key.removeprefix(WEIGHT))] = t
         elif key.startswith(BIAS):
             params.biases[int(key.removeprefix(BIAS))] = t
+        elif key.startswith(IN_WEIGHT):
+            params.in_weights[int(key.removeprefix(IN_WEIGHT))] = t
         else:
             raise EditscaleError(f"{store.root}/checkpoint holds an unknown tensor '{key}'")
     return RunCheckpoint(params, editor_state, state)

@@ -65,6 +65,9 @@ class RunConfig(BaseModel):
     stats_samples: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
         None, description="Documents of the covariance statistics, over the method's mom2_n_samples; 'auto' stops "
                           "when C has converged (docs/protocol.md §2.5.1).")
+    mend_weights: str | None = Field(None, description="MEND's trained network: a directory written by "
+                                                       "`editscale train-mend`, or a published mend-*.pt file "
+                                                       "(default: train-mend's cache entry for the model).")
     threads: int | None = Field(None, ge=1, description="torch CPU threads of the run (default: the CPUs this "
                                                         "process may use); summary.json records the number used.")
     method_config: dict[str, Any] = Field(
@@ -112,6 +115,10 @@ def resolve_config(cfg: RunConfig) -> RunConfig:
             update["stats_corpus"] = given["mom2_dataset"] = resolve_corpus(cfg.stats_corpus)
         if cfg.stats_samples is not None:
             given["mom2_n_samples"] = cfg.stats_samples
+    if cfg.mend_weights is not None:
+        if "weights" not in method_cls.config_class.model_fields:
+            raise EditscaleError(f"--mend-weights is for --method mend, not {cfg.method}")
+        given["weights"] = cfg.mend_weights
     key = model_key(cfg.model)
     depth = model_depth(cfg.model) if preset_mapping(method_cls, key) is None else {}
     method_cfg = resolve_method_config(cfg.method, key, given, **depth)
@@ -182,4 +189,15 @@ def load_config_and_versions(path: Path) -> tuple[RunConfig, dict[str, str]]:
     doc = read_yaml_mapping(path, "run config")
     if "run" not in doc:
         raise EditscaleError(f"{path} is not an editscale run config")
-    return RunConfig.parse(doc["run"], source=str(path)), dict(doc.get("versions") or {})
+    cfg = RunConfig.parse(doc["run"], source=str(path))
+    return cfg.model_copy(update={"method_config": _complete(cfg, path)}), dict(doc.get("versions") or {})
+
+
+def _complete(cfg: RunConfig, path: Path) -> dict[str, Any]:
+    """A stored run's method hyper-parameters with every field its config class has now. A field
+    added after the run was written takes its class default, the behaviour before the field
+    existed, not a preset's value: so a run resumes as it started after editscale is upgraded."""
+    from editscale.methods.base import get_method
+
+    cls = get_method(cfg.method).config_class
+    return cls.parse(cfg.method_config, source=f"{path} (method_config)").model_dump(mode="json")

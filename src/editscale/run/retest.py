@@ -27,7 +27,7 @@ from typing import Any
 from editscale.data.probes import health_probe
 from editscale.data.registry import load_records, records_by_id
 from editscale.errors import EditscaleError
-from editscale.eval.drift import layer_drift
+from editscale.eval.drift import edited_drift
 from editscale.eval.forgetting import ForgettingTracker
 from editscale.eval.health import health_check
 from editscale.eval.proficiency import edit_scores
@@ -96,8 +96,7 @@ def retest(out: str, edits: Sequence[int], *, baseline: int | None = None, seed:
                         max_memory=cfg.max_memory, offload_folder=cfg.offload_folder)
         adapter = lm.adapter
         editor = build_editor(cfg, store, adapter, lm.name, progress=progress)
-        layers = list(editor.config.layers)
-        original = adapter.snapshot(layers)
+        original = adapter.snapshot(editor.config.layers, in_layers=editor.in_layers)
         by_id = records_by_id(cfg.dataset, load_records(cfg.dataset, data_path=cfg.data_path))
         tracker = ForgettingTracker(control=[by_id[c] for c in store.read_json("control.json") or []])
         suite = downstream_suite(cfg, lm.name) if downstream else None
@@ -133,8 +132,7 @@ def retest(out: str, edits: Sequence[int], *, baseline: int | None = None, seed:
             else:
                 apply_result(adapter, result)
                 scores = edit_scores(adapter, records)
-                drift = {str(layer): layer_drift(original.weights[layer], adapter.get_mlp_out_weight(layer))
-                         for layer in layers}
+                drift = edited_drift(adapter, original)
                 row.update(status="ok", distance={k: d["dist"] for k, d in drift.items()},
                            distance_max=max(d["dist"] for d in drift.values()),
                            update_size=result.diagnostics.get("update_norm"),

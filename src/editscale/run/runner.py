@@ -26,13 +26,13 @@ from editscale.data.registry import control_pool, load_records, records_by_id
 from editscale.data.sampling import edit_order
 from editscale.errors import EditscaleError
 from editscale.eval.downstream.suite import DownstreamSuite, default_tasks, summary_row
-from editscale.eval.drift import layer_drift
+from editscale.eval.drift import edited_drift
 from editscale.eval.forgetting import ForgettingTracker, select_control
 from editscale.eval.health import health_check
 from editscale.eval.proficiency import edit_scores, window_means
-from editscale.methods.base import Editor, EditRequest, apply_result, get_method
+from editscale.methods.base import Editor, EditRequest, apply_result, get_method, in_name
 from editscale.methods.solver.context import EditContext
-from editscale.models.adapter import ModelAdapter
+from editscale.models.adapter import EditedParams, ModelAdapter
 from editscale.models.loading import LoadedModel, load_model, model_key
 from editscale.run.checkpoint import load_checkpoint, save_checkpoint
 from editscale.run.config import RunConfig, dump_config, load_config, resolve_config, usable_cpus
@@ -105,8 +105,8 @@ class Runner:
 
         adapter = lm.adapter
         editor = build_editor(cfg, self.store, adapter, lm.name, progress=self.progress)
-        layers = list(editor.config.layers)
-        original = {layer: w.cpu() for layer, w in adapter.snapshot(layers, biases=False).weights.items()}
+        layers, in_layers = list(editor.config.layers), editor.in_layers
+        original = adapter.snapshot(layers, biases=False, in_layers=in_layers)
         tracker = ForgettingTracker(sample=cfg.forgetting_sample, planned=cfg.edits, seed=cfg.seed)
         by_id = records_by_id(cfg.dataset, records)
         control_ids = self.store.read_json("control.json")
@@ -168,7 +168,7 @@ class Runner:
                     self.store.append("downstream", drow)
                     row = {**row, "downstream": drow}
                 if due(cfg.checkpoint_every):
-                    save_checkpoint(self.store, adapter.snapshot(layers), editor.state_dict(),
+                    save_checkpoint(self.store, adapter.snapshot(layers, in_layers=in_layers), editor.state_dict(),
                                     {"edits_done": state.edits_done, "history": state.history,
                                      "skipped": state.skipped, "tracker": tracker.state_dict()})
                 bar(state.edits_done, row)
@@ -180,7 +180,7 @@ class Runner:
         return summary
 
     def _edit_batch(self, editor: Editor, adapter: ModelAdapter, records: list[EditRecord], first_index: int,
-                    original: dict[int, torch.Tensor], state: RunState, tracker: ForgettingTracker
+                    original: EditedParams, state: RunState, tracker: ForgettingTracker
                     ) -> list[dict[str, Any]]:
         """Edit the records together (one request each), score each, return one row per record."""
         t0 = time.perf_counter()
@@ -192,16 +192,16 @@ class Runner:
             {"index": first_index + k, "batch": first_index // self.cfg.batch_size, "case_id": r.case_id,
              "subject": r.subject, "target_new": r.target_new, "target_true": r.target_true}
             for k, r in enumerate(records)]
-        bad = [layer for layer, d in (*result.deltas.items(), *result.bias_deltas.items())
-               if not torch.isfinite(d).all()]
+        bad = result.nonfinite_parts()
         scores = None
         if not bad:
-            saved = adapter.snapshot(set(result.deltas) | set(result.bias_deltas))
+            saved = adapter.snapshot(set(result.deltas) | set(result.bias_deltas), in_layers=result.in_deltas)
             apply_result(adapter, result)
             scores = edit_scores(adapter, records)
             if not all(math.isfinite(s.nll_new) and math.isfinite(s.nll_true) for s in scores):
                 adapter.restore(saved)  # the logits went non-finite: undo exactly
-                bad = sorted(set(result.deltas) | set(result.bias_deltas))
+                bad = sorted({*map(str, result.deltas), *map(str, result.bias_deltas),
+                              *map(in_name, result.in_deltas)})
                 scores = None
         t2 = time.perf_counter()
         if scores is None:
@@ -210,7 +210,7 @@ class Runner:
                 row.update(status="nonfinite", bad_layers=bad, diagnostics=_clean(result.diagnostics))
             return rows
         editor.after_apply(requests, result)
-        drift = {str(layer): layer_drift(original[layer], adapter.get_mlp_out_weight(layer)) for layer in original}
+        drift = edited_drift(adapter, original)
         t3 = time.perf_counter()
         timings = {**{k: round(v, 5) for k, v in result.timings.items()}, "edit": round(t1 - t0, 5),
                    "eval": round(t2 - t1, 5), "drift": round(t3 - t2, 5), "total": round(t3 - t0, 5),

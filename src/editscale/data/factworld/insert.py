@@ -23,9 +23,16 @@ CASE_ID_BASE = 100_000
 N_INSERTIONS = 20_000
 
 
+def training_records(world: FactWorld, n: int) -> list[EditRecord]:
+    """`n` insertion facts for training an editor network (MEND): generated after the `N_INSERTIONS`
+    evaluation facts by the same generator, so their subjects differ from every evaluation edit's."""
+    return insertion_records(world, N_INSERTIONS + n)[N_INSERTIONS:]
+
+
 def insertion_records(world: FactWorld, n: int = N_INSERTIONS, *, seed: int = 1, n_neighbors: int = 10
                       ) -> list[EditRecord]:
-    """`n` insertion facts about new subjects (names distinct from the world's and each other)."""
+    """`n` insertion facts about new subjects (names distinct from the world's and each other); the
+    first k of n are the k of any larger n."""
     rng = random.Random(f"insert-{seed}")
     taken = {s.lower() for s in world.reserved_names}
     holders = defaultdict(list)  # (relation_id, object) -> world facts holding that object

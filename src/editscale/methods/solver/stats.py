@@ -20,18 +20,17 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from editscale.data.corpora import corpus_cache_name, corpus_documents
 from editscale.errors import EditscaleError
+from editscale.methods.solver.progress import progress_bar
 from editscale.models.adapter import ModelAdapter, tensor_value
 
 log = logging.getLogger(__name__)
@@ -221,7 +220,7 @@ def _accumulate(adapter: ModelAdapter, layer: int, path: Path, *, model_name: st
     next_check = max(AUTO_MIN_KEYS_PER_DIM * adapter.d_mlp, 2 * prev_count)
 
     docs = corpus_documents(corpus, None if auto else int(n_samples))
-    bar = _progress(progress, f"C layer {layer} ({corpus}{', auto' if auto else ''})", len(docs), done)
+    bar = progress_bar(progress, f"C layer {layer} ({corpus}{', auto' if auto else ''})", len(docs), done, "docs")
     t0 = time.time()
     outcome = {"stopped": "all documents"}
     done_now = done
@@ -281,24 +280,6 @@ def _save_atomic(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, s
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
     os.replace(tmp, path)
-
-
-def _progress(enabled: bool, label: str, total: int, start: int) -> Callable[[int | None], Any]:
-    if not enabled:
-        return lambda n: None
-
-    bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("docs"), TimeRemainingColumn(),
-                   transient=True)
-    task = bar.add_task(label, total=total, completed=start)
-    bar.start()
-
-    def update(n: int | None) -> None:
-        if n is None:
-            bar.stop()
-        else:
-            bar.update(task, completed=n)
-
-    return update
 
 
 def condition_number(mom2: torch.Tensor) -> float:

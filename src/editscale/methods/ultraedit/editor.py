@@ -26,59 +26,12 @@ import torch
 from editscale.errors import EditscaleError
 from editscale.methods.base import Editor, EditRequest, EditResult, register
 from editscale.methods.config import MethodConfig
+from editscale.methods.solver.gradients import trace_edit_loss
+from editscale.methods.solver.moments import RunningMoments
 from editscale.methods.ultraedit.config import UltraEditConfig
 from editscale.models.adapter import ModelAdapter
 
 EPS = float(torch.finfo(torch.float32).eps)  # the reference's ε in (x − μ) / (σ + ε)
-
-
-class RunningMoments:
-    """Count, mean and sum of squared deviations of feature rows, merged batch by batch (Chan et al.)."""
-
-    def __init__(self, size: int) -> None:
-        self.n = torch.zeros((), dtype=torch.float64)
-        self.mean = torch.zeros(size, dtype=torch.float64)
-        self.m2 = torch.zeros(size, dtype=torch.float64)
-
-    def merged(self, rows: torch.Tensor) -> RunningMoments:
-        """A new object holding these statistics merged with `rows` [m, size]."""
-        x = rows.to(torch.float64)
-        m = x.shape[0]
-        out = RunningMoments(self.mean.shape[0])
-        total = self.n + m
-        batch_mean = x.mean(dim=0)
-        diff = batch_mean - self.mean
-        out.n = total
-        out.mean = self.mean + diff * (m / total)
-        out.m2 = self.m2 + ((x - batch_mean) ** 2).sum(dim=0) + diff**2 * (self.n * m / total)
-        return out
-
-    @property
-    def std(self) -> torch.Tensor:
-        return (self.m2 / (self.n - 1).clamp(min=1)).sqrt()
-
-    def standardise(self, rows: torch.Tensor) -> torch.Tensor:
-        return (rows.to(torch.float64) - self.mean) / (self.std + EPS)
-
-    def state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {f"{prefix}.n": self.n.clone(), f"{prefix}.mean": self.mean.clone(), f"{prefix}.m2": self.m2.clone()}
-
-    def load(self, state: Mapping[str, torch.Tensor], prefix: str) -> None:
-        self.n = state[f"{prefix}.n"].to(torch.float64).clone()
-        self.mean = state[f"{prefix}.mean"].to(torch.float64).clone()
-        self.m2 = state[f"{prefix}.m2"].to(torch.float64).clone()
-
-
-def _keep_io(seen: dict[int, tuple[torch.Tensor, torch.Tensor]], layer: int) -> Any:
-    """A forward hook keeping a module's input and its output, whose gradient the backward pass keeps."""
-
-    def hook(module: torch.nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
-        if not output.requires_grad:
-            output.requires_grad_(True)  # a leaf: nothing before it needs a gradient
-        output.retain_grad()
-        seen[layer] = (args[0].detach(), output)
-
-    return hook
 
 
 @register
@@ -111,38 +64,16 @@ class UltraEditEditor(Editor):
         """Per edited layer: the MLP output projection's inputs [N, d_mlp] and output gradients [N, d_model]
         at the answer positions (those predicting a target token), fp32 on CPU; one forward and backward
         pass of the mean next-token loss over each chunk's answer tokens."""
-        with self.adapter.frozen():  # gradients reach the edited modules' outputs only
-            return self._features(requests)
-
-    def _features(self, requests: Sequence[EditRequest]) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-        cfg, adapter = self.config, self.adapter
+        cfg = self.config
         keys: dict[int, list[torch.Tensor]] = {layer: [] for layer in cfg.layers}
         grads: dict[int, list[torch.Tensor]] = {layer: [] for layer in cfg.layers}
         for start in range(0, len(requests), cfg.chunk):
-            chunk = requests[start:start + cfg.chunk]
-            batch = adapter.prompt_target_batch([r.prompt.format(r.subject) for r in chunk],
-                                                [r.target_new for r in chunk])
-            rows = torch.tensor([i for i, t in enumerate(batch.target_ids) for _ in t])
-            cols = torch.tensor([batch.prefix_lens[i] - 1 + j for i, t in enumerate(batch.target_ids)
-                                 for j in range(len(t))])
-            labels = torch.tensor([tok for t in batch.target_ids for tok in t])
-            seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-            handles = [adapter.module("mlp_out", layer).register_forward_hook(_keep_io(seen, layer))
-                       for layer in cfg.layers]
-            try:
-                with torch.enable_grad():
-                    hidden = adapter.hidden_before_head(input_ids=batch.input_ids.to(adapter.device),
-                                                        attention_mask=batch.attention_mask.to(adapter.device),
-                                                        use_cache=False)
-                    logits = adapter.unembed(hidden[rows.to(hidden.device), cols.to(hidden.device)]).float()
-                    torch.nn.functional.cross_entropy(logits, labels.to(logits.device)).backward()
-            finally:
-                for h in handles:
-                    h.remove()
-            for layer, (inputs, output) in seen.items():
-                assert output.grad is not None
-                keys[layer].append(inputs[rows, cols].float().cpu())
-                grads[layer].append(output.grad[rows, cols].float().cpu())
+            trace = trace_edit_loss(self.adapter, [("mlp_out", layer) for layer in cfg.layers],
+                                    requests[start:start + cfg.chunk])
+            for layer in cfg.layers:
+                k, g = trace.at_answers(("mlp_out", layer))
+                keys[layer].append(k)
+                grads[layer].append(g)
         return ({layer: torch.cat(v) for layer, v in keys.items()}, {layer: torch.cat(v) for layer, v in grads.items()})
 
     def compute(self, requests: Sequence[EditRequest]) -> EditResult:
@@ -159,7 +90,7 @@ class UltraEditEditor(Editor):
         diagnostics: dict[str, float] = {"rows": float(keys[cfg.layers[0]].shape[0]), "norm_count": float(moments.n)}
         for layer in cfg.layers:
             k = keys[layer].double()  # [N, d_mlp], raw
-            z = moments.standardise(torch.cat([keys[layer], grads[layer]], dim=1))
+            z = moments.standardise(torch.cat([keys[layer], grads[layer]], dim=1), EPS)
             k_hat, g_hat = z[:, :d_mlp], z[:, d_mlp:]
             v = -cfg.lr * (k_hat**2).sum(dim=1, keepdim=True) * g_hat  # [N, d_model]
             lhs = k.T @ k + cfg.ridge * torch.eye(d_mlp, dtype=torch.float64)
