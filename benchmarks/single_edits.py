@@ -5,7 +5,8 @@
     python benchmarks/single_edits.py --method memit --batch 64          # one batch of the first 64 facts
 
 Single edits: each of the first N facts is edited alone on the unedited model, and every parameter
-of the edited MLP-output modules (weight and bias) is restored exactly before the next one. With
+of the edited modules (MLP output weight and bias, MLP input weight for MEND) is restored exactly
+before the next one. With
 --batch B the first B facts are edited in one compute() call and all B are scored on the model
 carrying that update. This is what the embedded presets were chosen on (see their YAML comments).
 """
@@ -35,7 +36,7 @@ def measure(lm: Any, method: str, overrides: dict[str, Any], records: list[Any],
     cfg = cls.config_class.parse({**cls.default_config(lm.name).model_dump(), **overrides})
     editor = cls(lm.adapter, cfg, ctx)
     editor.prepare()
-    saved = lm.adapter.snapshot(cfg.layers)
+    saved = lm.adapter.snapshot(cfg.layers, in_layers=editor.in_layers)
     groups = [records[:batch]] if batch else [[r] for r in records]
     scores, results, seconds = [], [], []
     for group in groups:
@@ -64,6 +65,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=0, help="instead, one batch of the first B facts")
     ap.add_argument("--set", action="append", default=[], help="fixed override KEY=VALUE (YAML value)")
     ap.add_argument("--grid", action="append", default=[], help="swept override KEY=V1,V2,... (YAML values)")
+    ap.add_argument("--dataset", default="factworld", help="records edited (factworld-insert: new subjects)")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()
@@ -73,7 +75,7 @@ def main() -> None:
     # "[0],[1]" and "5e-4,2e-3" both read as a YAML list of values
     axes = [(k, yaml.safe_load(f"[{v}]")) for k, _, v in (g.partition("=") for g in args.grid)]
     lm = load_model(args.model)
-    records = load_records("factworld")[: max(args.n, args.batch)]
+    records = load_records(args.dataset)[: max(args.n, args.batch)]
     ctx = EditContext(lm.name, progress=False)
     results = []
     what = f"one batch of {args.batch}" if args.batch else f"{args.n} single edits"

@@ -240,3 +240,20 @@ def test_cli_trains_then_runs_mend_with_its_network(run_cli, tmp_path: Path) -> 
     code, _, err = run_cli("run", "--out", str(tmp_path / "bad"), "--method", "rome", "--mend-weights", str(net),
                            "--edits", "1", "--no-progress")
     assert code != 0 and "--mend-weights is for --method mend" in err
+
+
+def test_a_network_still_in_training_is_used_only_when_chosen(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("EDITSCALE_CACHE", str(tmp_path))
+    from editscale.methods.base import preset_slug
+    from editscale.methods.mend.weights import default_weights_dir
+    from editscale.methods.solver.stats import model_fingerprint
+
+    adapter = _adapter("gpt2")
+    cfg = _config()
+    where = default_weights_dir(preset_slug("tiny"), model_fingerprint(adapter.model))
+    save_network(where, build_network(adapter, cfg, edit_lr=1e-3),
+                 {"rank": cfg.rank, "n_hidden": cfg.n_hidden, "complete": False, "steps_done": 3, "steps_planned": 9})
+    with pytest.raises(EditscaleError, match=r"still training \(3 of 9 steps\)"):
+        MendEditor(adapter, cfg, EditContext("tiny")).compute(REQUESTS[:1])
+    chosen = MendEditor(adapter, cfg.model_copy(update={"weights": str(where)}), EditContext("tiny"))
+    assert set(chosen.compute(REQUESTS[:1]).in_deltas) == {0, 1}

@@ -14,6 +14,9 @@ holds two files:
         history           {"es": [...], "ps": [...], "ns": [...]}: every edit's scores, for the windowed means
         skipped           indices of edits whose update was non-finite and not applied
         tracker           `ForgettingTracker.state_dict()`: the earlier edits and their sticky flags
+        checksums         sha256 of every tensor, of the state above and of the rows the checkpoint
+                          covers, added and verified by `RunStore` (`load_checkpoint` raises on a
+                          mismatch; `RunCheckpoint.state` leaves them out)
 
 Only edited layers are kept, never the whole model: a resumed run (or `editscale skills --model DIR`)
 loads the base model and writes these parameters over it.

@@ -37,7 +37,7 @@ from editscale.models.loading import LoadedModel, load_model, model_key
 from editscale.run.checkpoint import load_checkpoint, save_checkpoint
 from editscale.run.config import RunConfig, dump_config, load_config, resolve_config, usable_cpus
 from editscale.run.progress import ProgressBar
-from editscale.run.store import RunStore
+from editscale.run.store import LOCK, RunStore
 from editscale.run.summary import summarize
 
 WINDOWS = (5, 50)
@@ -77,7 +77,7 @@ class Runner:
                 raise EditscaleError(
                     f"{self.store.root} holds another run (differs in: {', '.join(diff)}); "
                     "use a new --out, or `editscale resume DIR` to continue that run")
-        elif self.store.root.exists() and any(self.store.root.iterdir()):
+        elif self.store.root.exists() and any(p.name != LOCK for p in self.store.root.iterdir()):
             raise EditscaleError(f"{self.store.root} exists and is not an editscale run directory")
 
     def run(self) -> dict[str, Any]:
@@ -87,7 +87,9 @@ class Runner:
         before = torch.get_num_threads()
         threads = set_threads(self.cfg.threads)
         try:
-            return self._run(threads)
+            self._check_dir()  # before the lock too: a directory that holds something else gets no lock file
+            with self.store.lock(self.log):  # for the whole run, so a second writer fails before loading a model
+                return self._run(threads)
         finally:
             torch.set_num_threads(before)
 

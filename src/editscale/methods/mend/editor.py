@@ -4,6 +4,7 @@ positions with a gradient, applied to the MLP input and output maps of the chose
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +21,8 @@ from editscale.methods.mend.weights import default_weights_dir, load_network
 from editscale.methods.solver.gradients import trace_edit_loss
 from editscale.methods.solver.stats import model_fingerprint
 from editscale.models.adapter import ModelAdapter
+
+log = logging.getLogger(__name__)
 
 
 @register
@@ -54,7 +57,16 @@ class MendEditor(Editor):
         return path
 
     def prepare(self) -> None:
-        self.network, self.weights_meta = load_network(self.adapter, self.config, self.weights_path())
+        path = self.weights_path()
+        self.network, self.weights_meta = load_network(self.adapter, self.config, path)
+        meta = self.weights_meta
+        if meta.get("complete") is False:
+            where = f"{meta.get('steps_done')} of {meta.get('steps_planned')} steps"
+            if not self.config.weights:  # found in the cache, not chosen: a training still under way
+                raise EditscaleError(f"the MEND network for {self.context.model_name} in {path} is still training "
+                                     f"({where}); let `editscale train-mend` finish, or pass --mend-weights {path} "
+                                     "to edit with it as it is")
+            log.warning("editing with the MEND network in %s as it is: trained %s", path, where)
         self.network.eval()  # the input statistics stay as trained
 
     def compute(self, requests: Sequence[EditRequest]) -> EditResult:
