@@ -31,9 +31,9 @@ def main() -> None:
     ap.add_argument("b", type=Path)
     args = ap.parse_args()
     same = True
-    for name in ("edits", "forgetting", "downstream"):
+    for name in ("edits", "forgetting", "downstream", "health"):
         rows = [[without_timings(json.loads(line)) for line in (d / f"{name}.jsonl").read_text().splitlines()]
-                for d in (args.a, args.b)]
+                if (d / f"{name}.jsonl").exists() else [] for d in (args.a, args.b)]
         equal = rows[0] == rows[1]
         same &= equal
         print(f"{name}.jsonl: {len(rows[0])} vs {len(rows[1])} rows, {'identical' if equal else 'DIFFERENT'} "
@@ -42,8 +42,9 @@ def main() -> None:
             if x != y:
                 print(f"  first difference at row {i}: " + ", ".join(k for k in x if x.get(k) != y.get(k)))
                 break
-    for name in ("templates.json", "control.json"):
-        equal = (args.a / name).read_bytes() == (args.b / name).read_bytes()
+    for name in ("templates.json", "control.json"):  # a method without templates writes none
+        equal = [(d / name).read_bytes() if (d / name).exists() else None for d in (args.a, args.b)]
+        equal = equal[0] == equal[1]
         same &= equal
         print(f"{name}: {'identical' if equal else 'DIFFERENT'}")
     wa, wb = (load_file(str(d / "checkpoint" / "weights.safetensors")) for d in (args.a, args.b))
