@@ -496,12 +496,21 @@ def methods() -> None:
 
 @app.command("validate-data")
 def validate_data(dataset: Annotated[str, typer.Option(help="counterfact, zsre or factworld.")],
-                  data_path: Annotated[Path, typer.Option(help="File or directory to check.")]) -> None:
+                  data_path: Annotated[Path, typer.Option(help="File or directory to check.")],
+                  strict: Annotated[bool, typer.Option(help="Refuse no-op records (target_new already the true "
+                                                            "answer) instead of skipping them, as run --strict.")]
+                  = False) -> None:
     """Load a dataset file and check every record; errors name the record and the field."""
-    from editscale.data.registry import load_records
+    from rich.markup import escape
 
-    records = load_records(dataset, data_path=data_path)
-    console.print(f"[green]ok[/green]: {len(records)} valid {dataset} records in {data_path}")
+    from editscale.data.registry import load_dataset
+
+    loaded = load_dataset(dataset, data_path=data_path, strict=strict)
+    console.print(f"[green]ok[/green]: {len(loaded.records)} valid {dataset} records in {escape(str(data_path))}; "
+                  f"{len(loaded.noops)} no-op records skipped")
+    line = loaded.noop_line()
+    if line is not None:
+        console.print(escape(line))
 
 
 @app.command("train-embedded")

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from editscale.data.records import EditRecord, RawRecord, read_json
+from editscale.data.records import EditRecord, NoopHandler, NoopRecordError, RawRecord, not_a_dataset, read_json
 from editscale.errors import EditscaleError, RecordError
 
 COUNTERFACT_URL = "https://rome.baulab.info/data/dsets/counterfact.json"
@@ -198,29 +198,48 @@ def detect_schema(raw: Sequence[Any], *, source: str = "<memory>") -> str:
         raise RecordError("the file holds no records", source=source)
     first = raw[0]
     if not isinstance(first, Mapping):
-        raise RecordError(f"expected a JSON object, got {type(first).__name__}", index=0, source=source)
+        raise RecordError(f"expected a JSON object, got {type(first).__name__}{not_a_dataset(raw)}", index=0,
+                          source=source)
     if "requested_rewrite" in first:
         return "rome"
     if "prompt" in first and ("ground_truth" in first or isinstance(first.get("target_new"), str)):
         return "easyedit"
     raise RecordError(
         "cannot tell the schema: expected 'requested_rewrite' (ROME counterfact.json) or 'prompt' and "
-        f"'ground_truth' (EasyEdit split); keys are {sorted(first)}",
+        f"'ground_truth' (EasyEdit split); keys are {sorted(first)}{not_a_dataset(raw)}",
         index=0, case_id=first.get("case_id"), source=source,
     )
 
 
-def parse_counterfact(raw: Any, *, source: str = "<memory>", schema: str | None = None) -> list[EditRecord]:
-    """Normalise a decoded CounterFact JSON list (either schema) to validated records, in file order."""
+def parse_counterfact(raw: Any, *, source: str = "<memory>", schema: str | None = None,
+                      on_noop: NoopHandler | None = None) -> list[EditRecord]:
+    """Normalise a decoded CounterFact JSON list (either schema) to validated records, in file order.
+
+    A record whose target_new equals its target_true is an error, or, given ``on_noop``, handed to it
+    and dropped."""
+    return [rec for _, rec in _parse_positions(raw, source=source, schema=schema, on_noop=on_noop)]
+
+
+def _parse_positions(raw: Any, *, source: str, schema: str | None = None, on_noop: NoopHandler | None = None
+                     ) -> list[tuple[int, EditRecord]]:
+    """The kept records with their positions in the file (errors name records by file position)."""
     if not isinstance(raw, list):
-        raise RecordError(f"expected a JSON list of records, got {type(raw).__name__}", source=source)
+        raise RecordError(f"expected a JSON list of records, got {type(raw).__name__}{not_a_dataset(raw)}",
+                          source=source)
     schema = schema or detect_schema(raw, source=source)
     if schema not in _SCHEMAS:
         raise EditscaleError(f"unknown CounterFact schema {schema!r}; expected one of {sorted(_SCHEMAS)}")
     convert = _SCHEMAS[schema]
-    records = [convert(r, i, source) for i, r in enumerate(raw)]
-    _check_unique_case_ids(records, [(source, i) for i in range(len(records))])
-    return records
+    kept: list[tuple[int, EditRecord]] = []
+    for i, r in enumerate(raw):
+        try:
+            kept.append((i, convert(r, i, source)))
+        except NoopRecordError as e:
+            if on_noop is None:
+                raise
+            on_noop(e)
+    _check_unique_case_ids([rec for _, rec in kept], [(source, i) for i, _ in kept])
+    return kept
 
 
 def _check_unique_case_ids(records: Sequence[EditRecord], where: Sequence[tuple[str, int]]) -> None:
@@ -234,9 +253,9 @@ def _check_unique_case_ids(records: Sequence[EditRecord], where: Sequence[tuple[
         seen[rec.case_id] = (src, i)
 
 
-def read_counterfact_file(path: PathLike) -> list[EditRecord]:
+def read_counterfact_file(path: PathLike, *, on_noop: NoopHandler | None = None) -> list[EditRecord]:
     """One CounterFact JSON file, either schema, in file order."""
-    return parse_counterfact(read_json(path), source=str(path))
+    return parse_counterfact(read_json(path), source=str(path), on_noop=on_noop)
 
 
 def _expand(paths: PathLike | Iterable[PathLike]) -> list[Path]:
@@ -258,20 +277,21 @@ def _expand(paths: PathLike | Iterable[PathLike]) -> list[Path]:
     return out
 
 
-def read_counterfact_files(paths: PathLike | Iterable[PathLike]) -> list[EditRecord]:
+def read_counterfact_files(paths: PathLike | Iterable[PathLike], *, on_noop: NoopHandler | None = None
+                           ) -> list[EditRecord]:
     """Load one file, a directory of ``*.json`` files, or a list of files/directories.
 
     More than one file (the EasyEdit train/val/edit split) is merged and sorted by ``case_id``; a
     case_id present in two files is an error naming both."""
     files = _expand(paths)
     if len(files) == 1:
-        return read_counterfact_file(files[0])
+        return read_counterfact_file(files[0], on_noop=on_noop)
     records: list[EditRecord] = []
     where: list[tuple[str, int]] = []
     for p in files:
-        recs = read_counterfact_file(p)
-        records.extend(recs)
-        where.extend((str(p), i) for i in range(len(recs)))
+        for i, rec in _parse_positions(read_json(p), source=str(p), on_noop=on_noop):
+            records.append(rec)
+            where.append((str(p), i))
     _check_unique_case_ids(records, where)
     return sorted(records, key=lambda r: r.case_id)
 
@@ -289,6 +309,7 @@ def load_counterfact(
     limit: int | None = None,
     sha256: str | None = None,
     fetch: Fetcher | None = None,
+    on_noop: NoopHandler | None = None,
 ) -> list[EditRecord]:
     """Load CounterFact as validated :class:`EditRecord` s.
 
@@ -296,6 +317,8 @@ def load_counterfact(
     published ``counterfact.json``) is downloaded once into ``cache_dir`` (default ``$EDITSCALE_CACHE`` or
     ``~/.cache/editscale``). ``sha256`` verifies the file (see :data:`COUNTERFACT_SHA256`); ``fetch``
     replaces the urllib download. ``limit`` keeps the first records after sorting by file/case_id order.
+    A record whose target_new equals its target_true is an error, or, given ``on_noop``, handed to it and
+    dropped.
     """
     if source is not None and path is not None:
         raise EditscaleError("give either source or path=, not both")
@@ -311,7 +334,7 @@ def load_counterfact(
             if len(single) != 1:
                 raise EditscaleError("sha256= checks a single file; got several")
             _check_sha256(single[0], sha256, str(single[0]))
-    records = read_counterfact_files(files)
+    records = read_counterfact_files(files, on_noop=on_noop)
     if limit is not None:
         if limit < 0:
             raise EditscaleError(f"limit must be >= 0, got {limit}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,6 +101,21 @@ class EditRecord:
         return rec
 
 
+class NoopRecordError(RecordError):
+    """A record that asks to edit a fact to the answer it already has: there is nothing to edit.
+
+    Its own class so that a loader can skip such records (the default of a run, `load_records`)
+    while every other malformed record still stops the load."""
+
+
+# A loader given one drops each no-op record after handing it the record's error; given none, it raises.
+NoopHandler = Callable[[NoopRecordError], None]
+
+
+def is_noop(rec: EditRecord) -> bool:
+    return rec.target_true.strip() == rec.target_new.strip()
+
+
 def validate_record(rec: EditRecord, *, index: int | None = None, source: str | None = None) -> None:
     """Check the invariants editors rely on; raise RecordError naming the record and field."""
 
@@ -113,8 +128,9 @@ def validate_record(rec: EditRecord, *, index: int | None = None, source: str | 
         rec.prompt.format(rec.subject)
     except (IndexError, KeyError, ValueError) as e:
         raise bad(f"prompt is not a valid template ({e}): {rec.prompt!r}", "prompt") from None
-    if rec.target_true.strip() == rec.target_new.strip():
-        raise bad(f"target_new equals target_true ({rec.target_new!r}); nothing to edit", "target_new")
+    if is_noop(rec):
+        raise NoopRecordError(f"target_new equals target_true ({rec.target_new!r}); nothing to edit",
+                              index=index, case_id=rec.case_id, field="target_new", source=source)
 
 
 def validate_records(records: Iterable[EditRecord], *, source: str | None = None) -> list[EditRecord]:
@@ -144,8 +160,8 @@ class RawRecord:
             raise self.error(f"expected a JSON object, got {type(raw).__name__}", None)
         self.raw: Mapping[str, Any] = raw
 
-    def error(self, msg: str, field: str | None) -> RecordError:
-        return RecordError(msg, index=self.index, case_id=self.case_id, field=field, source=self.source)
+    def error(self, msg: str, field: str | None, *, kind: type[RecordError] = RecordError) -> RecordError:
+        return kind(msg, index=self.index, case_id=self.case_id, field=field, source=self.source)
 
     def get(self, path: str, *, required: bool = True) -> Any:
         """The value at a dotted path; None when absent (or null) and not required."""
@@ -211,8 +227,28 @@ class RawRecord:
         try:
             validate_record(rec, index=self.index, source=self.source)
         except RecordError as e:
-            raise self.error(e.detail, renames.get(e.field or "", e.field)) from None
+            raise self.error(e.detail, renames.get(e.field or "", e.field), kind=type(e)) from None
         return rec
+
+
+def not_a_dataset(raw: Any) -> str:
+    """A hint, for a loader's error, when a decoded file is one of the companions that travel with
+    edit datasets (sample indices, selection flags, prompt lists, QnA rewrites) rather than records;
+    empty otherwise."""
+    if isinstance(raw, Mapping) and raw:
+        values = list(raw.values())
+        if all(isinstance(v, list) and all(isinstance(i, int) for i in v[:10]) for v in values):
+            return "; this looks like a sample file ({\"0\": [case ids], ...}): pass it as --sample-file"
+        if all(isinstance(v, bool) for v in values):
+            return "; this looks like a selection file ({\"<case_id>\": true|false}), not edit records"
+    if isinstance(raw, list) and raw:
+        first = raw[0]
+        if isinstance(first, str):
+            return "; this is a list of strings (a prompts file?), not edit records"
+        if isinstance(first, Mapping) and "case_index" in first and "target_true" not in first:
+            return ("; this looks like a companion file whose case_index points into another dataset "
+                    "(QnA or completion prompts), not edit records: it has no true target to edit away from")
+    return ""
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:

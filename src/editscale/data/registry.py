@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from editscale.data.records import EditRecord
+from editscale.data.records import EditRecord, NoopHandler, NoopRecordError, is_noop
 from editscale.errors import EditscaleError, UnknownNameError
 
+log = logging.getLogger(__name__)
 
-def _factworld(data_path: Path | None) -> list[EditRecord]:
+# A loader gets the data path and the handler of no-op records (None: it raises on the first one).
+Loader = Callable[[Path | None, NoopHandler | None], list[EditRecord]]
+
+
+def _factworld(data_path: Path | None, on_noop: NoopHandler | None) -> list[EditRecord]:
     from editscale.data.factworld import default_world
 
     if data_path is not None:
@@ -17,7 +24,7 @@ def _factworld(data_path: Path | None) -> list[EditRecord]:
     return default_world().records
 
 
-def _factworld_insert(data_path: Path | None) -> list[EditRecord]:
+def _factworld_insert(data_path: Path | None, on_noop: NoopHandler | None) -> list[EditRecord]:
     from editscale.data.factworld import default_world
     from editscale.data.factworld.insert import insertion_records
 
@@ -26,29 +33,50 @@ def _factworld_insert(data_path: Path | None) -> list[EditRecord]:
     return insertion_records(default_world())
 
 
-def _counterfact(data_path: Path | None) -> list[EditRecord]:
+def _counterfact(data_path: Path | None, on_noop: NoopHandler | None) -> list[EditRecord]:
     from editscale.data.counterfact import load_counterfact
 
     # with no path the published file is downloaded once into the cache
-    return load_counterfact(path=data_path)
+    return load_counterfact(path=data_path, on_noop=on_noop)
 
 
-def _zsre(data_path: Path | None) -> list[EditRecord]:
+def _zsre(data_path: Path | None, on_noop: NoopHandler | None) -> list[EditRecord]:
     from editscale.data.zsre import load_zsre
 
     if data_path is None:
         raise EditscaleError("zsre needs --data-path pointing at a MEND-format file (zsre_mend_eval.json)")
-    return load_zsre(data_path)
+    return load_zsre(data_path, on_noop=on_noop)
 
 
 # Loaders import their module when called: `editscale --help` need not build the fact world.
-DATASETS: dict[str, Callable[[Path | None], list[EditRecord]]] = {
+DATASETS: dict[str, Loader] = {
     "factworld": _factworld,
     "factworld-insert": _factworld_insert,
     "counterfact": _counterfact,
     "zsre": _zsre,
 }
 
+NOOP_IDS_SHOWN = 5
+STRICT_HINT = "--strict refuses no-op records; without it they are skipped"
+
+
+@dataclass(frozen=True)
+class LoadedDataset:
+    """A dataset's kept records, and the no-op records (target_new already true) that were skipped."""
+
+    dataset: str
+    source: str
+    records: list[EditRecord]
+    noops: list[NoopRecordError] = field(default_factory=list)
+
+    def noop_line(self) -> str | None:
+        """One line saying how many no-op records were skipped and which, or None when none were."""
+        if not self.noops:
+            return None
+        ids = ", ".join(str(e.case_id) for e in self.noops[:NOOP_IDS_SHOWN])
+        more = ", ..." if len(self.noops) > NOOP_IDS_SHOWN else ""
+        return (f"skipped {len(self.noops)} no-op {self.dataset} record(s) of {self.source} whose new target is "
+                f"already a true answer: case_id {ids}{more} (--strict refuses them)")
 
 def _world_facts() -> list[EditRecord]:
     from editscale.data.factworld import default_world
@@ -73,17 +101,50 @@ def records_by_id(dataset: str, records: list[EditRecord]) -> dict[int, EditReco
     return {r.case_id: r for r in [*pool, *records]}
 
 
-def load_records(dataset: str, *, data_path: Path | str | None = None, limit: int | None = None
-                 ) -> list[EditRecord]:
-    """Records of a named dataset, validated; ``limit`` keeps the first ones."""
+def load_dataset(dataset: str, *, data_path: Path | str | None = None, limit: int | None = None,
+                 strict: bool = False) -> LoadedDataset:
+    """Records of a named dataset, validated; ``limit`` keeps the first ones.
+
+    A record that asks to edit a fact to the answer it already has (target_new equals target_true;
+    for zsRE, ``alt`` is one of the true answers) is skipped and listed in ``noops``; with ``strict``
+    it is an error naming the record instead."""
     if dataset not in DATASETS:
         raise UnknownNameError(f"unknown dataset '{dataset}'; known datasets: {', '.join(DATASETS)}")
     if data_path is not None and not Path(data_path).exists():
         raise EditscaleError(f"--data-path {data_path} does not exist")
     if limit is not None and limit < 0:
         raise EditscaleError(f"the number of records must be >= 0, got {limit}")
-    records = DATASETS[dataset](Path(data_path) if data_path is not None else None)
-    return records[:limit] if limit is not None else records
+    noops: list[NoopRecordError] = []
+    try:
+        records = DATASETS[dataset](Path(data_path) if data_path is not None else None,
+                                    None if strict else noops.append)
+        # generated datasets are not validated by a loader: the same rule holds for them
+        kept = []
+        for i, rec in enumerate(records):
+            if not is_noop(rec):
+                kept.append(rec)
+                continue
+            err = NoopRecordError(f"target_new equals target_true ({rec.target_new!r}); nothing to edit",
+                                  index=i, case_id=rec.case_id, field="target_new", source=dataset)
+            if strict:
+                raise err
+            noops.append(err)
+    except NoopRecordError as e:
+        raise NoopRecordError(f"{e.detail} ({STRICT_HINT})", index=e.index, case_id=e.case_id, field=e.field,
+                              source=e.source) from None
+    source = str(data_path) if data_path is not None else f"the {dataset} dataset"
+    return LoadedDataset(dataset, source, kept[:limit] if limit is not None else kept, noops)
+
+
+def load_records(dataset: str, *, data_path: Path | str | None = None, limit: int | None = None,
+                 strict: bool = False) -> list[EditRecord]:
+    """Records of a named dataset, validated; ``limit`` keeps the first ones. No-op records are
+    skipped with a warning that counts them (`load_dataset`), or refused with ``strict``."""
+    loaded = load_dataset(dataset, data_path=data_path, limit=limit, strict=strict)
+    line = loaded.noop_line()
+    if line is not None:
+        log.warning(line)
+    return loaded.records
 
 
 def training_records(dataset: str, n: int, *, data_path: Path | str | None = None,

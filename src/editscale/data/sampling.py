@@ -1,12 +1,15 @@
 """The paper's edit-order samples (docs/protocol.md §9.1; scalable-model-editing/gradual-catastrophic-forgetting:
 ``select_unique_subjects.py`` + ``create_samples.py``).
 
-The indices are **list positions** into the dataset. For CounterFact they equal ``case_id`` only in the full
-file (or the three EasyEdit splits merged by ``case_id``), which :func:`select_sample` checks by default.
+The paper's indices are **list positions** into the full dataset, where they equal ``case_id`` (CounterFact's
+``counterfact.json`` or the three EasyEdit splits merged by ``case_id``; zsRE's MEND file, whose case_id is the
+position). A run (:func:`edit_order`) therefore reads every sample as case ids, which holds for any file of
+the dataset; :func:`select_sample` offers both readings and checks positions by default.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from collections.abc import Iterable, Mapping, Sequence
@@ -14,6 +17,8 @@ from typing import Any, Literal
 
 from editscale.data.records import EditRecord, read_json
 from editscale.errors import EditscaleError, RecordError
+
+log = logging.getLogger(__name__)
 
 PAPER_SEED = 37
 PAPER_N_SAMPLES = 10
@@ -165,25 +170,61 @@ def select_sample(
     return chosen
 
 
-def edit_order(records: Sequence[EditRecord], *, sample: int, edits: int, sample_file: str | None = None,
-               dataset: str = "the dataset") -> list[EditRecord]:
-    """A run's records in edit order: sample `sample` of a sample file (its indices are case_ids), or
-    of the paper's recipe rebuilt over `records` (unique subjects, seed 37, cumulative shuffles).
+MISSING_IDS_SHOWN = 5
 
-    The whole sample is returned; a run edits the first `edits` and draws control facts from the rest.
+
+def edit_order(records: Sequence[EditRecord], *, sample: int, edits: int, sample_file: str | None = None,
+               dataset: str = "the dataset", data_path: str | os.PathLike[str] | None = None,
+               order: Literal["sample", "file"] = "sample", skip_missing: bool = False) -> list[EditRecord]:
+    """A run's records in edit order; a run edits the first `edits` and draws control facts from the rest.
+
+    `order="sample"`: sample `sample` of a sample file, or of the paper's recipe rebuilt over `records`
+    (unique subjects, seed 37, cumulative shuffles). Either way a sample names **case ids**, never list
+    positions, so a partial file or one whose case ids are not its positions (the ROME-schema subset, one
+    EasyEdit split, zsRE after no-op records were skipped) selects exactly the records the sample names.
+    Ids the dataset lacks are an error naming how many and which, or with `skip_missing` are dropped
+    (logged). `order="file"`: the records as the file holds them, no sample.
     """
+    if data_path is not None:
+        dataset = f"{dataset} ({data_path})"
+    if order == "file":
+        if sample_file:
+            raise EditscaleError(f"--order file edits the first records of the dataset in file order; it takes "
+                                 f"no --sample-file (got {sample_file}); use --order sample")
+        if sample:
+            raise EditscaleError(f"--order file edits the first records of the dataset in file order; it takes "
+                                 f"no --sample (got {sample}); use --order sample")
+        if edits > len(records):
+            raise EditscaleError(f"--edits {edits} is more than the {len(records)} records of {dataset}")
+        return list(records)
+    if order != "sample":
+        raise EditscaleError(f"--order must be sample or file, got {order!r}")
     if sample_file:
         samples = load_sample_file(sample_file)
     else:
-        samples = make_samples(unique_subject_indices(records), n_samples=sample + 1)
+        # the recipe's positions are into `records`: turned into case ids here, so that every sample
+        # (built or read from a file) means the same thing
+        unique = unique_subject_indices(records)
+        samples = {k: [records[i].case_id for i in v]
+                   for k, v in make_samples(unique, n_samples=sample + 1).items()}
     key = str(sample)
+    where = sample_file or "the recipe's samples"
     if key not in samples:
-        raise EditscaleError(f"no sample {key}; the sample file holds {', '.join(sorted(samples, key=int))}")
-    if edits > len(samples[key]):
-        raise EditscaleError(f"--edits {edits} is more than sample {key} holds ({len(samples[key])} "
-                             f"records of dataset '{dataset}')")
-    if sample_file is None:
-        # built here from positions of these very records (unique subjects by construction): a
-        # position is the record, whatever its case_id
-        return [records[i] for i in samples[key]]
-    return select_sample(records, samples, key, None, by="case_id")
+        raise EditscaleError(f"{where}: no sample {key}; the file holds {', '.join(sorted(samples, key=int))}")
+    wanted = samples[key]
+    if edits > len(wanted):
+        raise EditscaleError(f"--edits {edits} is more than sample {key} holds ({len(wanted)} records of {dataset})")
+    present = {r.case_id for r in records}
+    missing = [i for i in wanted if i not in present]
+    if missing:
+        shown = ", ".join(map(str, missing[:MISSING_IDS_SHOWN])) + (", ..." if len(missing) > MISSING_IDS_SHOWN else "")
+        what = f"{len(missing)} of the {len(wanted)} case ids of sample {key} of {where}"
+        if not skip_missing:
+            raise EditscaleError(f"{what} are not in {dataset}: {shown}; sample files name case ids (pass "
+                                 "--skip-missing to edit only the records the dataset holds)")
+        log.warning(f"--skip-missing: skipped {what}, which {dataset} lacks: {shown}")
+    chosen = select_sample(records, {key: wanted}, key, None, by="case_id", missing="skip")
+    if edits > len(chosen):
+        raise EditscaleError(f"--edits {edits} is more than the {len(chosen)} records of sample {key} of {where} "
+                             f"that {dataset} holds ({len(missing)} of its case ids skipped)")
+    return chosen

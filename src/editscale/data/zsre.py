@@ -18,9 +18,10 @@ scalable-model-editing/unified-model-editing index.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any, Literal
 
-from editscale.data.records import EditRecord, RawRecord, read_json
+from editscale.data.records import EditRecord, NoopHandler, NoopRecordError, RawRecord, not_a_dataset, read_json
 from editscale.data.sampling import load_sample_file
 from editscale.errors import EditscaleError, RecordError
 
@@ -54,8 +55,7 @@ def _from_mend(raw: Any, index: int, source: str, targets: Targets) -> EditRecor
     if targets == "alt":
         if _is_noop(alt, answers):
             why = "is empty" if not alt.strip() else f"is one of the true answers {list(answers)}"
-            raise f.error(f"alt {alt!r} {why}; there is nothing to edit (skip_noop=True drops such records)",
-                          "alt")
+            raise f.error(f"alt {alt!r} {why}; there is nothing to edit", "alt", kind=NoopRecordError)
         target_new, target_true = alt, answers[0]
     else:
         target_new, target_true = answers[0], REFERENCE_TARGET_TRUE
@@ -80,32 +80,46 @@ def _from_mend(raw: Any, index: int, source: str, targets: Targets) -> EditRecor
     return f.validated(rec, {"prompt": "src", "target_new": "alt" if targets == "alt" else "answers[0]"})
 
 
-def parse_zsre(raw: Any, *, source: str = "<memory>", targets: Targets = "alt", skip_noop: bool = False
-               ) -> list[EditRecord]:
+def parse_zsre(raw: Any, *, source: str = "<memory>", targets: Targets = "alt", skip_noop: bool = False,
+               on_noop: NoopHandler | None = None) -> list[EditRecord]:
     """Normalise a decoded MEND-format zsRE list, in file order.
 
     With ``targets="alt"``, a record whose ``alt`` is empty or one of its true answers has nothing to edit
-    (23 of the 1,000 MEND train records); that is an error unless ``skip_noop``, which drops them. The
-    kept records keep their file positions as case_ids, so list position and case_id then differ."""
+    (23 of the 1,000 MEND train records); that is an error unless ``on_noop`` is given (it is handed each
+    such record's error) or ``skip_noop``, which drop them. The kept records keep their file positions as
+    case_ids, so list position and case_id then differ."""
     if targets not in ("alt", "reference"):
         raise EditscaleError(f"targets must be 'alt' or 'reference', got {targets!r}")
     if not isinstance(raw, list):
-        raise RecordError(f"expected a JSON list of records, got {type(raw).__name__}", source=source)
+        raise RecordError(f"expected a JSON list of records, got {type(raw).__name__}{not_a_dataset(raw)}",
+                          source=source)
     if not raw:
         raise RecordError("the file holds no records", source=source)
+    if on_noop is None and skip_noop:
+        on_noop = _ignore
+    if not (isinstance(raw[0], Mapping) and "src" in raw[0]) and not_a_dataset(raw):
+        # a companion file would otherwise fail on its first record's missing 'subject', which hides what it is
+        raise RecordError(f"not a MEND-format zsRE file{not_a_dataset(raw)}", source=source)
     out: list[EditRecord] = []
     for i, r in enumerate(raw):
-        noop = isinstance(r, dict) and _is_noop(r.get("alt"), r.get("answers"))
-        if skip_noop and targets == "alt" and noop:
-            continue
-        out.append(_from_mend(r, i, source, targets))
+        try:
+            out.append(_from_mend(r, i, source, targets))
+        except NoopRecordError as e:
+            if on_noop is None:
+                raise
+            on_noop(e)
     return out
 
 
+def _ignore(_: NoopRecordError) -> None:
+    pass
+
+
 def load_zsre(path: str | os.PathLike[str], *, targets: Targets = "alt", skip_noop: bool = False,
-              limit: int | None = None) -> list[EditRecord]:
+              limit: int | None = None, on_noop: NoopHandler | None = None) -> list[EditRecord]:
     """Load a MEND-format zsRE file (e.g. ``zsre_mend_eval.json``) as validated records."""
-    records = parse_zsre(read_json(path), source=str(path), targets=targets, skip_noop=skip_noop)
+    records = parse_zsre(read_json(path), source=str(path), targets=targets, skip_noop=skip_noop,
+                         on_noop=on_noop)
     if limit is not None:
         if limit < 0:
             raise EditscaleError(f"limit must be >= 0, got {limit}")

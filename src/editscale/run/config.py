@@ -28,6 +28,13 @@ class RunConfig(BaseModel):
     sample: int = Field(0, ge=0, description="Which shuffle of the unique subjects to edit, in order.")
     sample_file: str | None = Field(None, description="A sample-index file such as the paper's; else the "
                                                       "samples are built by the paper's recipe.")
+    order: Literal["sample", "file"] = Field(
+        "sample", description="sample: the records of --sample (or --sample-file), whose entries are case ids; "
+                              "file: the first --edits records in file order.")
+    skip_missing: bool = Field(False, description="Skip the case ids of the sample file that the dataset lacks, "
+                                                  "with a count logged (default: an error naming them).")
+    strict: bool = Field(False, description="Refuse a dataset with no-op records (target_new already the true "
+                                            "answer) instead of skipping them with a count logged.")
     edits: int = Field(100, ge=1, description="Number of facts to edit.")
     batch_size: int = Field(1, ge=1, description="Facts per edit call (a sequence of batches when > 1).")
     eval_every: int = Field(10, ge=1, description="Forgetting and control facts every K edits.")

@@ -97,7 +97,7 @@ def retest(out: str, edits: Sequence[int], *, baseline: int | None = None, seed:
         adapter = lm.adapter
         editor = build_editor(cfg, store, adapter, lm.name, progress=progress)
         original = adapter.snapshot(editor.config.layers, in_layers=editor.in_layers)
-        by_id = records_by_id(cfg.dataset, load_records(cfg.dataset, data_path=cfg.data_path))
+        by_id = records_by_id(cfg.dataset, load_records(cfg.dataset, data_path=cfg.data_path, strict=cfg.strict))
         tracker = ForgettingTracker(control=[by_id[c] for c in store.read_json("control.json") or []])
         suite = downstream_suite(cfg, lm.name) if downstream else None
         probe = health_probe(model_key(cfg.model)) if cfg.health else None

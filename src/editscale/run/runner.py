@@ -98,9 +98,10 @@ class Runner:
         self._check_dir()
         lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, device_map=cfg.device_map,
                         max_memory=cfg.max_memory, offload_folder=cfg.offload_folder)
-        records = load_records(cfg.dataset, data_path=cfg.data_path)
+        records = load_records(cfg.dataset, data_path=cfg.data_path, strict=cfg.strict)
         order = edit_order(records, sample=cfg.sample, sample_file=cfg.sample_file, edits=cfg.edits,
-                           dataset=cfg.dataset)
+                           dataset=cfg.dataset, data_path=cfg.data_path, order=cfg.order,
+                           skip_missing=cfg.skip_missing)
         edits = order[: cfg.edits]
         self.store.create()
         self.store.write_text("config.yaml", dump_config(cfg))
@@ -255,7 +256,8 @@ def build_editor(cfg: RunConfig, store: RunStore, adapter: ModelAdapter, model_n
     anchors = store.read_json(ANCHORS_FILE) or {}
 
     def sample_requests() -> list[tuple[str, str, str]]:
-        return [(r.prompt, r.subject, r.target_new) for r in load_records(cfg.dataset, data_path=cfg.data_path)]
+        return [(r.prompt, r.subject, r.target_new)
+                for r in load_records(cfg.dataset, data_path=cfg.data_path, strict=cfg.strict)]
 
     ctx = EditContext(model_name, seed=cfg.seed, templates=dict(templates),
                       stats_cache_dir=Path(cfg.stats_cache) if cfg.stats_cache else None, progress=progress,
