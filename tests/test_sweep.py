@@ -179,6 +179,8 @@ def test_a_failing_run_is_one_line_and_the_others_go_on(tmp_path: Path, world, l
     cfg = next(c.config for c in plan(SweepSpec.model_validate(spec), out).cells if c.path == bad)
     bad.mkdir(parents=True)
     (bad / "config.yaml").write_text(dump_config(cfg.model_copy(update={"edits": 3})))
+    # with an edit made: a directory that made none would be taken over by the new config
+    (bad / "edits.jsonl").write_text('{"index": 0, "status": "ok"}\n')
     code, _, stderr = run_cli("sweep", str(path), "--out", str(out), "--max-concurrent", "1", "--no-report")
     assert code == 1, stderr
     failed = [line for line in stderr.splitlines() if line.startswith("failed")]

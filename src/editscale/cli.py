@@ -271,9 +271,11 @@ def run(
     progress: ProgressOpt = True,
 ) -> None:
     """Edit one model sequentially and measure ES/PS/NS, forgetting and drift as edits accumulate."""
+    from editscale.models.loading import check_model_name
     from editscale.run.runner import Runner
 
     cfg = build_run_config(options, config=config, method_config=method_config, sets=set_)
+    check_model_name(cfg.model)  # a mistyped path would otherwise surface as "no hyper-parameters for model"
     summary = Runner(cfg, out, progress=progress, log=console.print).run()
     _print_run(out, summary)
 

@@ -117,6 +117,11 @@ def load_glue_jsonl(task: str, path: str | os.PathLike[str]) -> list[GlueExample
     return examples
 
 
+def offline_hint(task: str) -> str:
+    return (f"pass --glue-dir DIR, a folder holding the paper's subsets as <task>.jsonl ({task}.jsonl here), "
+            "or set EDITSCALE_GLUE_DIR")
+
+
 def build_glue_subset(task: str, examples: Iterable[GlueExample], rng: random.Random,
                       per_label: int = PAPER_PER_LABEL) -> list[GlueExample]:
     """The paper's recipe (scalable-model-editing/gradual-catastrophic-forgetting:
@@ -155,10 +160,17 @@ def load_glue_from_datasets(task: str, split: str = "validation", loader: SplitL
         except ImportError:
             raise EditscaleError(
                 "loading GLUE from the Hub needs the optional 'datasets' package: "
-                "pip install 'editscale[online]'"
+                f"pip install 'editscale[online]'; or {offline_hint(task)}"
             ) from None
         loader = load_dataset
-    rows = loader("glue", task, split=split)
+    try:
+        rows = loader("glue", task, split=split)
+    # Offline mode and an unreachable hub both end here: datasets raises ConnectionError, and
+    # huggingface_hub's HTTP errors and datasets' DatasetNotFoundError are OSErrors too.
+    except OSError as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise EditscaleError(f"GLUE {task} could not be loaded from the Hugging Face hub ({reason}); "
+                             f"{offline_hint(task)}") from err
     source = f"glue/{task}[{split}]"
     examples = [example_from_row(task, row, source=f"{source} row {i}") for i, row in enumerate(rows)]
     if not examples:

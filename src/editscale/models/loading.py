@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 import transformers
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from editscale.config_files import read_yaml_mapping
@@ -93,6 +94,33 @@ def _embedded_dir() -> Path:
     if not (path / "config.json").is_file():
         raise EditscaleError(f"the embedded model checkpoint is missing: {path} holds no config.json")
     return path
+
+
+def check_model_name(name_or_path: str | Path) -> None:
+    """Fail in one line when a model is neither the embedded model, a preset, a model directory nor
+    a name the hub could serve. Looks at nothing remote, so a path typo is named as one offline
+    instead of surfacing later as "no hyper-parameters" or the hub client's repo-id complaint."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    name = str(name_or_path)
+    if name == EMBEDDED or find_preset(name) is not None:
+        return
+    path = Path(name)
+    if path.is_dir():
+        return
+    if path.exists():
+        raise EditscaleError(f"model '{name}' is a file; pass a model directory (config.json and weights), "
+                             "a preset (`editscale models`) or a hub name")
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise EditscaleError(f"model directory '{name}' does not exist, and the name is no known preset "
+                             "(`editscale models`) or hub name; check the path") from None
+    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(name, "config.json"), str):
+        raise EditscaleError(f"model '{name}' is no directory, no known preset (`editscale models`) and not in "
+                             "the local hub cache (HF_HUB_OFFLINE is set); check the path or download it first")
 
 
 def model_key(name_or_path: str | Path) -> str:
@@ -227,6 +255,7 @@ def load_model(name_or_path: str | Path, *, dtype: str | torch.dtype = "float32"
     """
 
     name = str(name_or_path)
+    check_model_name(name)
     model_name = model_key(name)
     preset = find_preset(name)
     if name == EMBEDDED:
@@ -274,6 +303,8 @@ def load_model(name_or_path: str | Path, *, dtype: str | torch.dtype = "float32"
     try:
         model = AutoModelForCausalLM.from_pretrained(source, config=config, **model_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, **common)
+    except SafetensorError as err:
+        raise EditscaleError(f"could not load model '{name}': {_damaged_weights(local, err)}") from err
     except (OSError, ValueError, KeyError, ImportError, RuntimeError) as err:
         raise EditscaleError(f"could not load model '{name}': {_one_line(err)}") from err
 
@@ -291,6 +322,21 @@ def load_model(name_or_path: str | Path, *, dtype: str | torch.dtype = "float32"
         _check_preset(preset, adapter)
     return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, family=family, preset=preset,
                        name=model_name, source=source)
+
+
+def _damaged_weights(folder: Path, err: BaseException) -> str:
+    """The weights file behind a safetensors error, named: safetensors' own message names none."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as bad:
+            return f"{f} is damaged or truncated ({_one_line(bad)}); copy or download it again"
+    where = f" in {folder}" if files else ""
+    return f"a safetensors weights file{where} is damaged or truncated ({_one_line(err)}); copy or download it again"
 
 
 def _pick_device(device: str | torch.device) -> torch.device:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,7 +39,7 @@ from editscale.models.loading import LoadedModel, load_model, model_key
 from editscale.run.checkpoint import load_checkpoint, save_checkpoint
 from editscale.run.config import RunConfig, dump_config, load_config, resolve_config, usable_cpus
 from editscale.run.progress import ProgressBar
-from editscale.run.store import LOCK, RunStore
+from editscale.run.store import CHECKPOINT, LOCK, RUN_ROWS, RunStore
 from editscale.run.summary import summarize
 
 WINDOWS = (5, 50)
@@ -68,17 +70,46 @@ class Runner:
             raise EditscaleError(f"{out} holds no run (no config.yaml)")
         return cls(load_config(path), out, **kwargs)
 
-    def _check_dir(self) -> None:
-        path = self.store.root / "config.yaml"
+    def _check_dir(self) -> list[str]:
+        """Refuse a run directory this run cannot use, before any model or data is loaded. Returns the
+        fields in which the config of a run that never made an edit differs: that run is replaced."""
+        root = self.store.root
+        _check_writable(root)
+        path = root / "config.yaml"
         if path.exists():
             before = load_config(path)
             if before.identity() != self.cfg.identity():
                 diff = [k for k, v in self.cfg.identity().items() if before.identity().get(k) != v]
-                raise EditscaleError(
-                    f"{self.store.root} holds another run (differs in: {', '.join(diff)}); "
-                    "use a new --out, or `editscale resume DIR` to continue that run")
-        elif self.store.root.exists() and any(p.name != LOCK for p in self.store.root.iterdir()):
-            raise EditscaleError(f"{self.store.root} exists and is not an editscale run directory")
+                if not self._made_no_edit():
+                    raise EditscaleError(
+                        f"{root} holds another run (differs in: {', '.join(diff)}); "
+                        "use a new --out, or `editscale resume DIR` to continue that run")
+                return diff
+        elif root.exists() and any(p.name != LOCK for p in root.iterdir()):
+            raise EditscaleError(f"{root} exists and is not an editscale run directory")
+        return []
+
+    def _made_no_edit(self) -> bool:
+        # a run that failed before its first edit (bad data, an option only checked on use) has nothing
+        # worth keeping; refusing it would make the corrected command need a new --out
+        root = self.store.root
+        if any((root / name).exists() for name in (CHECKPOINT, f"{CHECKPOINT}.old")):
+            return False
+        edits = root / "edits.jsonl"
+        if not edits.exists():
+            return True
+        with open(edits, "rb") as f:
+            return not f.readline().endswith(b"\n")  # a torn first line is no edit
+
+    def _replace_unstarted(self, diff: list[str]) -> None:
+        """Remove what the replaced run derived from its config (templates, control set, rows of the
+        unedited model), so this run computes its own."""
+        root = self.store.root
+        self.log(f"{root}: replacing the config of a run that made no edit (differs in: {', '.join(diff)})")
+        for name in ("config.yaml", "templates.json", ANCHORS_FILE, "control.json", "summary.json",
+                     *(f"{rows}.jsonl" for rows in RUN_ROWS)):
+            (root / name).unlink(missing_ok=True)
+        shutil.rmtree(root / f"{CHECKPOINT}.tmp", ignore_errors=True)
 
     def run(self) -> dict[str, Any]:
         """Edit until `cfg.edits` are done (continuing from the run directory's checkpoint), with
@@ -95,7 +126,9 @@ class Runner:
 
     def _run(self, threads: int) -> dict[str, Any]:
         cfg = self.cfg
-        self._check_dir()
+        replaced = self._check_dir()
+        if replaced:
+            self._replace_unstarted(replaced)  # under the lock, unlike the check in `run`
         lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, device_map=cfg.device_map,
                         max_memory=cfg.max_memory, offload_folder=cfg.offload_folder)
         records = load_records(cfg.dataset, data_path=cfg.data_path, strict=cfg.strict)
@@ -231,6 +264,21 @@ class Runner:
             # drift, diagnostics and timings belong to the batch: every row of it carries them
             row.update(drift=drift, diagnostics=_clean(result.diagnostics), timings=timings)
         return rows
+
+
+def _check_writable(root: Path) -> None:
+    """A run directory must be (or be creatable as) a directory this process can write."""
+    if root.exists() and not root.is_dir():
+        raise EditscaleError(f"--out {root} is a file, not a directory; pass a new or existing run directory")
+    existing = root
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise EditscaleError(f"--out {root}: {existing} is a file, not a directory; pass another --out")
+    # access() also answers EROFS for a read-only file system, which the permission bits do not show
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = root if existing == root else f"{root} cannot be created: {existing}"
+        raise EditscaleError(f"--out {what} is not writable; pass a directory you can write to")
 
 
 def set_threads(threads: int | None) -> int:

@@ -225,20 +225,30 @@ class RunStore:
         tmp = self.root / f"{CHECKPOINT}.tmp"
         old = self.root / f"{CHECKPOINT}.old"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        tensors = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
-        save_file(tensors, str(tmp / "weights.safetensors"))
-        rows = {}
-        for name in RUN_ROWS:
-            n, digest = _rows_digest(self.root / f"{name}.jsonl")
-            rows[name] = {"rows": n, "sha256": digest}
-        checksums = {"tensors": {k: _tensor_digest(t) for k, t in tensors.items()}, "state": _state_digest(state),
-                     "rows": rows}
-        with open(tmp / "state.json", "w") as f:
-            json.dump({**state, CHECKSUMS: checksums}, f, default=_json_default)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        try:
+            tmp.mkdir()
+            tensors = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
+            save_file(tensors, str(tmp / "weights.safetensors"))
+            rows = {}
+            for name in RUN_ROWS:
+                n, digest = _rows_digest(self.root / f"{name}.jsonl")
+                rows[name] = {"rows": n, "sha256": digest}
+            checksums = {"tensors": {k: _tensor_digest(t) for k, t in tensors.items()},
+                         "state": _state_digest(state), "rows": rows}
+            with open(tmp / "state.json", "w") as f:
+                json.dump({**state, CHECKSUMS: checksums}, f, default=_json_default)
+                f.flush()
+                os.fsync(f.fileno())
+            _fsync_dir(tmp)
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+                raise
+            # nothing was swapped yet, so the last good checkpoint is intact; the partial copy only takes space
+            shutil.rmtree(tmp, ignore_errors=True)
+            previous = final if final.exists() else old
+            kept = f"the previous checkpoint {previous} is kept" if previous.exists() else "there is no earlier one"
+            raise EditscaleError(f"{self.root}: no space left on the device while writing a checkpoint "
+                                 f"({err.strerror}); {kept}; free space, then `editscale resume {self.root}`") from err
         shutil.rmtree(old, ignore_errors=True)
         if final.exists():
             os.replace(final, old)
@@ -260,15 +270,20 @@ class RunStore:
                     return None
                 final = old
             folder = _identity(final)
+            reading = final / "weights.safetensors"
             try:
-                tensors = load_file(str(final / "weights.safetensors"))
-                state = json.loads((final / "state.json").read_text())
+                tensors = load_file(str(reading))
+                reading = final / "state.json"
+                state = json.loads(reading.read_text())
                 if not isinstance(state, dict):
                     raise ValueError(f"state.json holds a {type(state).__name__}, not an object")
             except (OSError, ValueError, SafetensorError) as err:
                 if _identity(final) != folder and attempt < 2:
                     continue
-                raise EditscaleError(f"{final}: the checkpoint is unreadable ({err})") from err
+                reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise EditscaleError(f"{reading}: the checkpoint is unreadable ({reason}); the file is damaged or "
+                                     "truncated: put back a copy of the run directory, or start again with a new "
+                                     "--out") from err
             # a reader beside a running writer may see the folder swapped between the two files: read again
             if _identity(final) == folder:
                 break

@@ -27,6 +27,7 @@ from editscale.data.fewshot import FewShotFormat
 from editscale.eval.downstream.fewshot import (
     Example,
     check_mode,
+    evaluate_fitted,
     label_targets,
     logprob_result,
     pad_token_id,
@@ -190,11 +191,18 @@ def _label_logprobs(runner: _Runner, chunk: _Chunk, prefix_len: int, targets: Se
 @torch.no_grad()
 def evaluate_fewshot_fast(model: torch.nn.Module, tokenizer: Any, fmt: FewShotFormat,
                           demos: Sequence[Example], examples: Sequence[Example], *, mode: str = "paper",
-                          batch_size: int = 32, gen_len: int = 3) -> dict[str, Any]:
+                          batch_size: int = 32, gen_len: int = 3, task: str | None = None) -> dict[str, Any]:
     """``evaluate_fewshot`` with the shared prefix computed once; same result dict, plus cost stats.
 
-    Extra keys: ``prefix_len`` (tokens run once), ``mean_suffix_len`` and ``forward_calls``.
+    Extra keys: ``prefix_len`` (tokens run once), ``mean_suffix_len`` and ``forward_calls``. Prompts
+    are fitted to the model's positions as in ``evaluate_fewshot`` (``fewshot.evaluate_fitted``).
     """
+    return evaluate_fitted(_evaluate_fast, model, tokenizer, fmt, tuple(demos), examples, mode=mode,
+                           gen_len=gen_len, batch_size=batch_size, task=task)
+
+
+def _evaluate_fast(model: torch.nn.Module, tokenizer: Any, fmt: FewShotFormat, demos: Sequence[Example],
+                   examples: Sequence[Example], *, mode: str, batch_size: int, gen_len: int) -> dict[str, Any]:
     check_mode(mode)
     split = prefix_split(fmt, demos, [f for f, _ in examples], tokenizer)
     labels = [y for _, y in examples]

@@ -60,7 +60,8 @@ class DownstreamSuite:
         out = {}
         for t in self.tasks:
             t0 = time.perf_counter()
-            res = fn(model, tokenizer, t.task.fmt, t.demos, t.examples, mode=self.mode, batch_size=self.batch_size)
+            res = fn(model, tokenizer, t.task.fmt, t.demos, t.examples, mode=self.mode, batch_size=self.batch_size,
+                     task=t.task.name)
             res["seconds"] = time.perf_counter() - t0
             out[t.task.name] = res
         return out
