@@ -161,3 +161,18 @@ def test_lasting_edits_stop_at_the_first_checkpoint_below_either_floor() -> None
     assert lasting_edits(run) == (40, False)
     (row,) = method_properties([run], [analyze(run)])
     assert row["edits_lasting"] == 40 and row["lasting_all_runs"]
+
+
+def test_table_3_separates_runs_that_depart_from_the_preset() -> None:
+    from editscale.methods.base import resolve_method_config
+
+    preset = resolve_method_config("memit", "embedded").model_dump(mode="json")
+    runs = []
+    for i, overrides in enumerate([{}, {"norm_anchor": True}]):
+        run = synthetic_run([1.0] * 20, [1.0] * 20, name=f"r{i}")
+        cfg = RunConfig(method="memit", model="embedded", edits=20, method_config={**preset, **overrides})
+        runs.append(RunData(path=run.path, config=cfg, edits=run.edits, forgetting=run.forgetting,
+                            downstream=run.downstream, health=run.health, retest=[], summary={}, finished=True))
+    rows = method_properties(runs, [analyze(r) for r in runs])
+    assert [(r["method"], r["variant"], r["runs"]) for r in rows] == [("memit", "", 1),
+                                                                     ("memit", "norm_anchor=True", 1)]

@@ -25,6 +25,9 @@ from typing import Any
 
 from editscale.analysis.phases import lasting_edits
 from editscale.analysis.rundata import RunData
+from editscale.errors import EditscaleError
+from editscale.methods.base import resolve_method_config
+from editscale.models.loading import model_key
 
 
 def _mean(xs: Sequence[float | None]) -> float | None:
@@ -80,16 +83,28 @@ def run_properties(run: RunData, analysis: dict[str, Any]) -> dict[str, Any]:
             "single_disabling_edit": any(r["disabling"] for r in tested) if tested else None}
 
 
+def variant(run: RunData) -> str:
+    """The hyper-parameters in which a run departs from its method's preset for its model ("" when
+    none, or when the model has no preset): MEMIT with norm_anchor=True is another row of Table 3."""
+    cfg = run.config
+    try:
+        preset = resolve_method_config(cfg.method, model_key(cfg.model)).model_dump(mode="json")
+    except EditscaleError:
+        return ""
+    return ", ".join(f"{k}={v}" for k, v in sorted(cfg.method_config.items()) if k in preset and preset[k] != v)
+
+
 def method_properties(runs: Sequence[RunData], analyses: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Table 3: one row per (method, model, batch size), averaged over its runs (samples)."""
+    """Table 3: one row per (method and its departures from the preset, model, batch size), averaged
+    over its runs (samples)."""
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
     for run, a in zip(runs, analyses):
-        groups[(run.config.method, run.config.model, run.batch_size)].append(run_properties(run, a))
+        groups[(run.config.method, variant(run), run.config.model, run.batch_size)].append(run_properties(run, a))
     out = []
-    for (method, model, batch), props in groups.items():
+    for (method, changed, model, batch), props in groups.items():
         collapses = [p["edits_before_collapse"] for p in props if p["collapse_observed"]]
         tested = [p["single_disabling_edit"] for p in props if p["single_disabling_edit"] is not None]
-        out.append({"method": method, "model": model, "batch_size": batch, "runs": len(props),
+        out.append({"method": method, "variant": changed, "model": model, "batch_size": batch, "runs": len(props),
                     "edits": max(p["edits_done"] for p in props),
                     "efficacy_gradual": _mean([p["efficacy_gradual"] for p in props]),
                     "locality_gradual": _mean([p["locality_gradual"] for p in props]),

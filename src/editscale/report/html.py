@@ -161,7 +161,8 @@ def property_rows(runs: Sequence[RunData], analyses: Sequence[dict[str, Any]]) -
     out = []
     for p in method_properties(runs, analyses):
         sde = p["single_disabling_edit"]
-        out.append({"method": p["method"] + (f" B={p['batch_size']}" if p["batch_size"] > 1 else ""),
+        out.append({"method": p["method"] + (f" ({p['variant']})" if p["variant"] else "")
+                    + (f" B={p['batch_size']}" if p["batch_size"] > 1 else ""),
                     "model": Path(p["model"]).name, "runs": str(p["runs"]),
                     "efficacy until the collapse (ES)": _fmt(p["efficacy_gradual"]),
                     "locality (NS)": _fmt(p["locality_gradual"]),
