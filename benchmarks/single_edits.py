@@ -76,7 +76,11 @@ def main() -> None:
     axes = [(k, yaml.safe_load(f"[{v}]")) for k, _, v in (g.partition("=") for g in args.grid)]
     lm = load_model(args.model)
     records = load_records(args.dataset)[: max(args.n, args.batch)]
-    ctx = EditContext(lm.name, progress=False)
+    pool = load_records(args.dataset)
+    # methods that draw statistics from the dataset's records (UltraEdit's warm start, NAS) take them
+    # from the ones after those edited here
+    ctx = EditContext(lm.name, progress=False,
+                      sample_requests=lambda: [(r.prompt, r.subject, r.target_new) for r in pool[len(records):]])
     results = []
     what = f"one batch of {args.batch}" if args.batch else f"{args.n} single edits"
     print(f"{args.method} on {lm.name}, {what}")
