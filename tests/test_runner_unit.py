@@ -73,6 +73,8 @@ def test_a_run_writes_its_files(world, tmp_path: Path) -> None:
     assert store.rows("forgetting")[-1]["control_n"] == 5
     assert [r["edits_done"] for r in store.rows("downstream")] == [0, 4, 8]
     assert store.rows("downstream")[0]["tasks"]["tiny_sentiment"]["total"] == 4
+    counts = store.rows("downstream")[0]["tasks"]["tiny_sentiment"]
+    assert counts["correct"] + counts["incorrect"] + counts["invalid"] == 4
     health = store.rows("health")
     assert [r["edits_done"] for r in health] == [0, 2, 4, 6, 8]  # the unedited model, then every check
     assert len(health[0]["generations"]) == 4 and health[0]["text_nll"] > 0

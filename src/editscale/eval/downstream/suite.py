@@ -68,7 +68,9 @@ class DownstreamSuite:
 
 
 def summary_row(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The compact per-task figures a results row keeps (predictions stay out of the run files)."""
-    keep = ("f1", "accuracy", "mcc", "invalid", "total", "seconds")
+    """The compact per-task figures a results row keeps (predictions stay out of the run files). The
+    counts stay beside the rates, so another aggregation (the paper's code's, pooled over runs) can
+    be computed from the rows."""
+    keep = ("f1", "accuracy", "mcc", "correct", "incorrect", "invalid", "total", "shortened", "seconds")
     return {name: {k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items() if k in keep}
             for name, r in results.items()}
