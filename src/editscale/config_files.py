@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,3 +32,10 @@ def validate(cls: type[M], data: dict[str, Any], *, source: str) -> M:
     except ValidationError as err:
         problems = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'config'}: {e['msg']}" for e in err.errors())
         raise EditscaleError(f"{source}: invalid {cls.__name__}: {problems}") from err
+
+
+def cache_root() -> Path:
+    """Where editscale keeps what it computes once (statistics, MEND networks, downloads):
+    ``$EDITSCALE_CACHE`` if set, else ``~/.cache/editscale``."""
+    env = os.environ.get("EDITSCALE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "editscale"

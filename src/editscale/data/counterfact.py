@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from editscale.config_files import cache_root
 from editscale.data.records import EditRecord, NoopHandler, NoopRecordError, RawRecord, not_a_dataset, read_json
 from editscale.errors import EditscaleError, RecordError
 
@@ -60,8 +61,7 @@ EASYEDIT_NOTE = (
 
 def default_cache_dir() -> Path:
     """``$EDITSCALE_CACHE`` if set, else ``~/.cache/editscale``."""
-    env = os.environ.get("EDITSCALE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "editscale"
+    return cache_root()
 
 
 def cache_path_for(url: str, cache_dir: PathLike | None = None) -> Path:

@@ -85,8 +85,9 @@ class MendEditor(Editor):
                 with torch.enable_grad():
                     trace = trace_edit_loss(self.adapter, self.network.sites, requests[start:start + cfg.chunk])
                 t_trace += time.perf_counter() - t
-                rows += int(trace.nonzero(self.network.sites[0])[0].shape[0])
-                for site, delta in self.network.deltas(trace, cfg.lr_scale).items():
+                factors = self.network.factors(trace)
+                rows += int(factors[self.network.sites[0]][0].shape[0])
+                for site, delta in self.network.deltas_from(factors, cfg.lr_scale).items():
                     total[site] = total[site] + delta if site in total else delta
         deltas = {layer: d.float() for (role, layer), d in total.items() if role == "mlp_out"}
         in_deltas = {layer: d.float() for (role, layer), d in total.items() if role == "mlp_in"}

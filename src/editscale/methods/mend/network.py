@@ -144,5 +144,10 @@ class MendNetwork(nn.Module):
 
     def deltas(self, trace: Trace, scale: float = 1.0) -> dict[Site, torch.Tensor]:
         """The edit of every site, canonical [out, in]: α · scale · Σ_t δ̃_t x̃_tᵀ (differentiable)."""
-        return {site: self.edit_lrs[i] * scale * (d.T @ x)
-                for i, (site, (x, d)) in enumerate(zip(self.sites, self.factors(trace).values(), strict=True))}
+        return self.deltas_from(self.factors(trace), scale)
+
+    def deltas_from(self, factors: dict[Site, tuple[torch.Tensor, torch.Tensor]],
+                    scale: float = 1.0) -> dict[Site, torch.Tensor]:
+        """`deltas` of factors already computed (`factors`)."""
+        return {site: self.edit_lrs[i] * scale * (factors[site][1].T @ factors[site][0])
+                for i, site in enumerate(self.sites)}

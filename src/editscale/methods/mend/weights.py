@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from editscale.config_files import cache_root
 from editscale.errors import EditscaleError
 from editscale.methods.mend.config import MendConfig
 from editscale.methods.mend.network import MendNetwork, shape_key
@@ -41,8 +42,7 @@ FORMAT = "editscale-mend/1"
 def default_weights_dir(model_slug: str, fingerprint: str) -> Path:
     """Where `editscale train-mend` puts a model's network unless told otherwise: keyed by the
     model's weight fingerprint, so another path to the same weights finds it."""
-    root = os.environ.get("EDITSCALE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "editscale")
-    return Path(root) / "mend" / f"{model_slug}-{fingerprint}"
+    return cache_root() / "mend" / f"{model_slug}-{fingerprint}"
 
 
 def site_shapes(adapter: ModelAdapter, sites: list[Site]) -> list[tuple[int, int]]:

@@ -28,6 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from editscale.config_files import cache_root
 from editscale.data.corpora import corpus_cache_name, corpus_documents
 from editscale.errors import EditscaleError
 from editscale.methods.solver.progress import progress_bar
@@ -51,8 +52,7 @@ AUTO_MAX_COND = 1e10
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("EDITSCALE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "editscale")
-    return Path(root) / "stats"
+    return cache_root() / "stats"
 
 
 # ---------------------------------------------------------------------- cache key
