@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from editscale.data.registry import load_records
-from editscale.eval.proficiency import edit_scores
+from editscale.eval.proficiency import edit_scores, locality_answers
 from editscale.methods.base import EditRequest, apply_result, get_method
 from editscale.methods.solver.context import EditContext
 from editscale.models.loading import load_model
@@ -43,8 +43,9 @@ def measure(lm: Any, method: str, overrides: dict[str, Any], records: list[Any],
         t0 = time.perf_counter()
         res = editor.compute([EditRequest.from_record(r) for r in group])
         seconds.append(time.perf_counter() - t0)
+        before = locality_answers(lm.adapter, group)
         apply_result(lm.adapter, res)
-        scores.extend(edit_scores(lm.adapter, group))
+        scores.extend(edit_scores(lm.adapter, group, before=before))
         lm.adapter.restore(saved)
         results.append(res)
     diag = [r.diagnostics for r in results]

@@ -72,6 +72,8 @@ def test_malformed_counterfact_record_is_named(run_cli, tmp_path: Path) -> None:
     (("run", "--out", "x", "--edits", "0"), "edits: Input should be greater than or equal to 1"),
     (("run", "--out", "x", "--forgetting", "sometimes"), "forgetting: Input should be 'paper' or 'probability'"),
     (("run", "--out", "x", "--set", "novalue"), "--set expects KEY=VALUE"),
+    (("run", "--out", "x", "--no-such-option"), "No such option: --no-such-option"),
+    (("zsre-check", "--out", "x", "--n", "many"), "Invalid value for '--n'"),
 ])
 def test_bad_input_is_one_clear_line(run_cli, args: tuple[str, ...], needle: str) -> None:
     code, out, err = run_cli(*args)

@@ -135,7 +135,9 @@ def test_published_checkpoint_layout_loads_and_edits_as_the_reference(tmp_path: 
     sd["edit_lrs"] = torch.tensor([1e-3, 2e-3, -1e-3, 5e-4])
     sd["model_config"] = {"n_embd": d_model}  # the released files keep the model's config object here
     file = tmp_path / "mend-10tok-tiny.pt"
-    torch.save({"model": sd, "opt": {}, "step": 7}, file)
+    from transformers import GPT2Config
+
+    torch.save({"model": sd, "opt": {}, "step": 7, "model_config": GPT2Config(n_embd=d_model)}, file)
 
     network, meta = load_network(adapter, cfg, tmp_path)  # a directory holding one mend-*.pt
     assert meta["step"] == 7 and meta["rank"] == 5 and meta["n_hidden"] == 1
@@ -257,3 +259,39 @@ def test_a_network_still_in_training_is_used_only_when_chosen(tmp_path: Path, mo
         MendEditor(adapter, cfg, EditContext("tiny")).compute(REQUESTS[:1])
     chosen = MendEditor(adapter, cfg.model_copy(update={"weights": str(where)}), EditContext("tiny"))
     assert set(chosen.compute(REQUESTS[:1]).in_deltas) == {0, 1}
+
+
+class _Bomb:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch BOMB_RAN",))
+
+
+def test_a_published_file_that_would_run_code_is_refused(tmp_path: Path, monkeypatch) -> None:
+    from editscale.errors import EditscaleError
+    from editscale.methods.mend.weights import _load_checkpoint_pickle
+
+    monkeypatch.chdir(tmp_path)
+    file = tmp_path / "mend-evil.pt"
+    torch.save({"model": {"gtn.x": torch.ones(1)}, "payload": _Bomb()}, file)
+    with pytest.raises(EditscaleError, match="refused to unpickle posix.system|refused to unpickle os.system"):
+        _load_checkpoint_pickle(file)
+    assert not (tmp_path / "BOMB_RAN").exists()
+    (tmp_path / "mend-bad.pt").write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(EditscaleError, match="not a readable torch checkpoint"):
+        _load_checkpoint_pickle(tmp_path / "mend-bad.pt")
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("{not json", "not readable JSON"),
+    ("[1, 2]", "expected a JSON object"),
+    ('{"format": 1}', "missing sites"),
+])
+def test_a_damaged_mend_json_is_one_line(tmp_path: Path, text: str, message: str) -> None:
+    from editscale.errors import EditscaleError
+    from editscale.methods.mend.weights import FORMAT, META_FILE, _read_meta
+
+    (tmp_path / META_FILE).write_text(text.replace('"format": 1', f'"format": {json.dumps(FORMAT)}'))
+    with pytest.raises(EditscaleError, match=message):
+        _read_meta(tmp_path / META_FILE)

@@ -10,6 +10,7 @@ import functools
 import inspect as pyinspect
 import json
 import sys
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -22,6 +23,7 @@ from rich.table import Table
 from editscale.analysis.phases import PhaseRule
 from editscale.errors import EditscaleError
 from editscale.run.config import RetestRule, RunConfig
+from editscale.run.zsre_check import ZsreCheckConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Edit facts inside causal language models at scale and measure what that does.")
@@ -50,10 +52,13 @@ RUN_OPTION_FIELDS = [name for name in RunConfig.model_fields if name != "method_
 _SHORT = {"model": ["-m"]}
 
 
-def _option_value(name: str, value: Any) -> Any:
-    """A RunConfig field's value from its command-line form."""
+def _option_value(name: str, value: Any, annotation: Any = None) -> Any:
+    """A config field's value from its command-line form: a list field is comma-separated ('none' =
+    empty for downstream)."""
     if name == "downstream":
         return [] if value.strip().lower() == "none" else [t.strip() for t in value.split(",") if t.strip()]
+    if isinstance(value, str) and typing.get_origin(annotation) is list:
+        return [t.strip() for t in value.split(",") if t.strip()]
     return value
 
 
@@ -84,7 +89,8 @@ def model_options(model: type[BaseModel], fields: list[str] | None = None, *, pa
         @functools.wraps(command)
         def wrapper(**kwargs: Any) -> Any:
             given = {n: kwargs.pop(n) for n in names}
-            options = {n: _option_value(n, v) for n, v in given.items() if v is not None}
+            options = {n: _option_value(n, v, model.model_fields[n].annotation)
+                       for n, v in given.items() if v is not None}
             return command(**{param: options}, **kwargs)
 
         wrapper.__signature__ = own.replace(parameters=params)  # type: ignore[attr-defined]
@@ -104,24 +110,39 @@ def _parse_sets(items: list[str] | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise EditscaleError(f"--set expects KEY=VALUE, got '{item}'")
-        out[key.strip()] = yaml.safe_load(value)
+        if not sep or not key.strip():
+            raise EditscaleError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            reason = getattr(err, "problem", None) or " ".join(str(err).split())
+            raise EditscaleError(f"--set {key.strip()}: the value {value!r} is not valid YAML ({reason})") from None
     return out
+
+
+def _read_method_config(path: Path, fields: dict[str, Any]) -> dict[str, Any]:
+    """--method-config FILE: YAML or JSON hyper-parameters, or the reference's hparams JSON, whose
+    module paths are checked against the model's family and dropped (methods/config.py)."""
+    from editscale.config_files import read_yaml_mapping
+    from editscale.methods.base import get_method
+    from editscale.methods.config import from_reference_hparams
+
+    data = read_yaml_mapping(path, "method config")
+    run = RunConfig.parse({**fields, "method_config": {}}, source="command line")
+    return from_reference_hparams(data, get_method(run.method).config_class, run.model, source=str(path))
 
 
 def build_run_config(options: dict[str, Any], *, config: Path | None = None, method_config: Path | None = None,
                      sets: list[str] | None = None) -> RunConfig:
     """RunConfig defaults, then the --config file, then the options given; method hyper-parameters:
     the file's, then --method-config, then --set (the method's preset is filled in by the runner)."""
-    from editscale.config_files import read_yaml_mapping
     from editscale.run.config import read_config_file
 
     fields = read_config_file(config) if config is not None else {}
     fields = {**fields, **options}
     method = dict(fields.get("method_config") or {})
     if method_config is not None:
-        method.update(read_yaml_mapping(method_config, "method config"))
+        method.update(_read_method_config(method_config, fields))
     method.update(_parse_sets(sets))
     return RunConfig.parse({**fields, "method_config": method}, source="command line")
 
@@ -183,8 +204,9 @@ def skills(model: ModelOpt = "embedded",
                                                    "skills, or sst2,mrpc,cola,rte for other models).")] = "",
            n: Annotated[int, typer.Option(help="Examples per task.")] = 200,
            mode: Annotated[str, typer.Option(help="paper (greedy 3 tokens, parsed) or logprob.")] = "paper",
-           glue_dir: Annotated[Path | None, typer.Option(help="Folder of the GLUE subsets (<task>.jsonl); "
-                                                              "else built with `datasets`.")] = None,
+           glue_dir: Annotated[Path | None, typer.Option(help="Folder of the GLUE subsets (<task>.jsonl or the "
+                                                              "paper's <task>.pkl); else built with `datasets`.")]
+           = None,
            naive: Annotated[bool, typer.Option(help="One full pass per example (no shared-prefix cache).")] = False,
            device: DeviceOpt = "cpu", device_map: DeviceMapOpt = None, max_memory: MaxMemoryOpt = None,
            as_json: JsonOpt = False) -> None:
@@ -265,7 +287,9 @@ def run(
     config: Annotated[Path | None, typer.Option(
         help="YAML file of run options (any option below, or a run's config.yaml); options given on the "
              "command line override it.")] = None,
-    method_config: Annotated[Path | None, typer.Option(help="YAML file of method hyper-parameters.")] = None,
+    method_config: Annotated[Path | None, typer.Option(
+        help="YAML or JSON file of method hyper-parameters; the paper's hparams/<METHOD>/<model>.json too "
+             "(its module paths are checked against the model and dropped).")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a method hyper-parameter, KEY=VALUE.")]
     = None,
     progress: ProgressOpt = True,
@@ -294,7 +318,10 @@ def _print_run(out: Path, summary: dict[str, Any]) -> None:
     from editscale.report.tables import run_table
 
     console.print(run_table(out))
-    console.print(f"mean ES {summary['mean_es']:.3f}  PS {summary['mean_ps']:.3f}  NS {summary['mean_ns']:.3f}  "
+    gen = summary.get("mean_gen_es", float("nan"))
+    gen_text = f"  generated {gen:.3f}" if gen == gen else ""
+    console.print(f"mean ES {summary['mean_es']:.3f}{gen_text}  PS {summary['mean_ps']:.3f}  "
+                  f"NS {summary['mean_ns']:.3f}  "
                   f"forgotten {summary['forgotten_pct_final']:.1f}% ({summary['forgetting_mode']})  "
                   f"max drift {summary['max_drift']:.3e}  {summary['seconds_per_edit']:.2f} s/edit")
     if summary.get("downstream_initial_f1"):
@@ -496,8 +523,39 @@ def methods() -> None:
     console.print(t)
 
 
+@app.command("zsre-check")
+@model_options(ZsreCheckConfig, short=_SHORT)
+def zsre_check(out: Annotated[Path, typer.Option(help="Folder of the results: one subfolder per method "
+                                                      "(a method's facts already checked there are kept).")],
+               options: dict[str, Any], progress: ProgressOpt = True, as_json: JsonOpt = False) -> None:
+    """The paper's A.1 check: edit facts in zsRE's question form, then ask each successfully edited
+    fact as a text completion; the table gives the share of those edits not retrieved."""
+    from editscale.run.zsre_check import zsre_check as check
+
+    cfg = ZsreCheckConfig.parse(options, source="command line")
+    summaries = check(cfg, out, progress=progress and not as_json, log=err_console.print)
+    if as_json:
+        _emit_json(summaries)
+        return
+    table = Table(title=f"QA edits asked as completions ({cfg.model}, {cfg.dataset})")
+    for col in ("method", "facts", "QA success (ES)", "QA answer generated", "not retrieved as completion",
+                "not retrieved (probability)"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.0f}%"
+
+    for s in summaries:
+        table.add_row(s["method"], str(s["facts"]), f"{s['qa_success']} ({pct(s['qa_success_share'])})",
+                      pct(s["qa_generated_share"]), pct(s["not_retrieved"]), pct(s["not_retrieved_by_probability"]))
+    console.print(table)
+    console.print(f"rows: {out}/<method>/zsre_check.jsonl; 'not retrieved': of the successful QA edits, the share "
+                  "whose new answer greedy decoding does not produce after the completion prompt")
+
+
 @app.command("validate-data")
-def validate_data(dataset: Annotated[str, typer.Option(help="counterfact, zsre or factworld.")],
+def validate_data(dataset: Annotated[str, typer.Option(help="counterfact, zsre, factworld, factworld-insert or "
+                                                             "factworld-qa.")],
                   data_path: Annotated[Path, typer.Option(help="File or directory to check.")],
                   strict: Annotated[bool, typer.Option(help="Refuse no-op records (target_new already the true "
                                                             "answer) instead of skipping them, as run --strict.")]
@@ -651,13 +709,12 @@ def main(argv: list[str] | None = None) -> None:
     except (typer.Exit, SystemExit) as e:
         code = getattr(e, "exit_code", getattr(e, "code", 0))
         sys.exit(code or 0)
-    except Exception as e:  # click usage errors and the like
-        import click
-
-        if isinstance(e, click.ClickException):
+    except Exception as e:  # usage errors and the like
+        # by their shape: typer >= 0.2x raises its own copy of click's exceptions, older ones click's
+        if callable(getattr(e, "show", None)) and isinstance(getattr(e, "exit_code", None), int):
             e.show()
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
+        if type(e).__name__ == "Abort":  # Ctrl-C at a prompt
             sys.exit(130)
         raise
 

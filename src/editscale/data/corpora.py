@@ -78,8 +78,9 @@ CORPUS_REVISIONS = {"factworld": 3}  # 2: skill examples keep recent objects out
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 
-def _unknown(corpus: str) -> UnknownNameError:
-    return UnknownNameError(f"unknown statistics corpus '{corpus}'; known: {', '.join(CORPORA)}, or a local "
+def _unknown(corpus: str, why: str = "") -> UnknownNameError:
+    shown = f"'{corpus}'" if corpus.isprintable() else repr(corpus)
+    return UnknownNameError(f"unknown statistics corpus {shown}{why}; known: {', '.join(CORPORA)}, or a local "
                             f"{', '.join(LOCAL_SUFFIXES)} file or a folder of them")
 
 
@@ -88,8 +89,13 @@ def resolve_corpus(corpus: str) -> str:
     another directory reads the same text). Anything else is an error naming the corpus."""
     if corpus in CORPORA:
         return corpus
-    path = Path(corpus).expanduser()
-    if not path.exists():
+    try:
+        path = Path(corpus).expanduser()
+        found = path.exists()
+    # no such user for "~name", a NUL byte, a name too long for the file system
+    except (OSError, ValueError, RuntimeError) as err:
+        raise _unknown(corpus, f" (not a usable path: {err})") from None
+    if not found:
         raise _unknown(corpus)
     _local_files(path)  # a file of another kind, or a folder without text files, fails here
     return str(path.resolve())
@@ -130,6 +136,8 @@ def _jsonl_docs(path: Path) -> list[str]:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise EditscaleError(f"statistics corpus {path}, line {n}: not JSON ({err.msg})") from None
+            except RecursionError:
+                raise EditscaleError(f"statistics corpus {path}, line {n}: JSON nested too deeply") from None
             text = row.get("text") if isinstance(row, dict) else None
             if not isinstance(text, str):
                 raise EditscaleError(f"statistics corpus {path}, line {n}: expected an object with a string 'text'")
@@ -164,7 +172,10 @@ def local_documents(path: Path | str) -> list[str]:
     """
     docs: list[str] = []
     for f in _local_files(Path(path)):
-        docs.extend(_READERS[f.suffix.lower()](f))
+        try:
+            docs.extend(_READERS[f.suffix.lower()](f))
+        except UnicodeDecodeError as err:
+            raise EditscaleError(f"statistics corpus {f}: not UTF-8 text ({err.reason})") from None
     return docs
 
 

@@ -7,6 +7,7 @@ embedded model's skill tasks share one definition, and lets a user add a task wi
 
 from __future__ import annotations
 
+import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,15 +45,51 @@ class FewShotFormat:
         return -1
 
 
-def format_from_spec(name: str, spec: Mapping[str, Any]) -> FewShotFormat:
-    """A format from its task-file form: query, marker, label_words, parse_order."""
-    words = list(spec["label_words"].values()) + [w for w, _ in spec["parse_order"]]
-    if any(isinstance(w, bool) for w in words):
+def _label(value: Any, what: str) -> int:
+    """A gold label: an integer, or a string of one (YAML keys may be either); never a boolean."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"{what}: expected an integer label, got {value!r}")
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{what}: expected an integer label, got {value!r}") from None
+
+
+def _word(value: Any, what: str) -> str:
+    if isinstance(value, bool):
         # YAML 1.1 reads yes/no/true/false unquoted as booleans
         raise ValueError("a label word was read as a boolean: quote yes/no/true/false in the task file")
-    return FewShotFormat(name=name, query=spec["query"], marker=spec["marker"],
-                         label_words={int(k): str(v) for k, v in spec["label_words"].items()},
-                         parse_order=tuple((str(w), int(y)) for w, y in spec["parse_order"]))
+    if not isinstance(value, (str, int, float)) or not str(value).strip():
+        raise ValueError(f"{what}: expected a non-empty word, got {value!r}")
+    return str(value)
+
+
+def format_from_spec(name: str, spec: Mapping[str, Any]) -> FewShotFormat:
+    """A format from its task-file form: query, marker, label_words, parse_order. A ValueError names
+    the key that is missing or malformed."""
+    for key in ("query", "marker", "label_words", "parse_order"):
+        if key not in spec:
+            raise ValueError(f"missing {key} (a format needs query, marker, label_words and parse_order)")
+    for key in ("query", "marker"):
+        if not isinstance(spec[key], str) or not spec[key].strip():
+            raise ValueError(f"{key}: expected a non-empty string, got {spec[key]!r}")
+    try:
+        list(string.Formatter().parse(spec["query"]))
+    except ValueError as err:
+        raise ValueError(f"query: not a valid template ({err}): {spec['query']!r}") from None
+    words, order = spec["label_words"], spec["parse_order"]
+    if not isinstance(words, Mapping) or not words:
+        raise ValueError(f"label_words: expected a mapping of labels to words, got {words!r}")
+    if not isinstance(order, list) or not order:
+        raise ValueError(f"parse_order: expected a list of [word, label] pairs, got {order!r}")
+    label_words = {_label(k, "label_words"): _word(v, f"label_words[{k!r}]") for k, v in words.items()}
+    pairs = []
+    for i, pair in enumerate(order):
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise ValueError(f"parse_order[{i}]: expected a [word, label] pair, got {pair!r}")
+        pairs.append((_word(pair[0], f"parse_order[{i}]"), _label(pair[1], f"parse_order[{i}]")))
+    return FewShotFormat(name=name, query=spec["query"], marker=spec["marker"], label_words=label_words,
+                         parse_order=tuple(pairs))
 
 
 def _builtin_format(name: str) -> FewShotFormat:

@@ -1,7 +1,9 @@
 """The paper's balanced GLUE subsets (docs/protocol.md §8.5): SST-2, MRPC, CoLA and RTE, 100 examples per label.
 
 The 200-example files the paper evaluated on are authoritative; :func:`load_glue_jsonl` reads their JSONL
-form. :func:`build_paper_subsets` rebuilds them from the GLUE validation split with the paper's recipe.
+form, :func:`load_glue_pickle` the paper's own ``glue_eval/dataset/<task>.pkl`` (a pickle of a list of dicts,
+read without running anything it holds), and :func:`load_glue_file` either by its suffix.
+:func:`build_paper_subsets` rebuilds them from the GLUE validation split with the paper's recipe.
 
 Caveat when rebuilding: the paper's MRPC ``idx`` values (up to 4049) are row numbers in the original
 MSRP train file, as the old script-based ``datasets`` GLUE loader numbered them; the parquet GLUE on the
@@ -11,11 +13,14 @@ drawn, but their ``idx`` differ.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from editscale.errors import EditscaleError, RecordError, UnknownNameError
@@ -98,15 +103,21 @@ def load_glue_jsonl(task: str, path: str | os.PathLike[str]) -> list[GlueExample
     examples: list[GlueExample] = []
     lines: list[int] = []
     try:
-        with open(path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, start=1):
+        with open(path, "rb") as fh:
+            for lineno, raw_line in enumerate(fh, start=1):
+                where = f"{path}, line {lineno}"
+                try:
+                    line = raw_line.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise RecordError(f"not UTF-8 text: {e.reason} at column {e.start + 1}", source=where) from None
                 if not line.strip():
                     continue
-                where = f"{path}, line {lineno}"
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise RecordError(f"invalid JSON at column {e.colno}: {e.msg}", source=where) from None
+                except RecursionError:
+                    raise RecordError("JSON nested too deeply", source=where) from None
                 examples.append(example_from_row(task, row, source=where))
                 lines.append(lineno)
     except OSError as e:
@@ -117,9 +128,117 @@ def load_glue_jsonl(task: str, path: str | os.PathLike[str]) -> list[GlueExample
     return examples
 
 
+class _Refused:
+    """Stands in for a global (class or function) a pickle names: the name is never looked up, so nothing
+    in the file runs. Calling it (REDUCE) or building it (BUILD) gives itself; the loader then names the
+    record that holds it."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _Refused:
+        return self
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+class _DataOnlyUnpickler(pickle.Unpickler):
+    """Reads pickles of plain data (lists, dicts, str, int...): every global is refused. Extension codes
+    (copyreg) end here too; persistent ids are refused by the base class."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        return _Refused(f"{module}.{name}")
+
+
+def _refused_in(obj: Any) -> _Refused | None:
+    """The first refused global inside ``obj``; containers are walked once each (a pickle may hold cycles),
+    without recursion (it may nest deeper than Python's recursion limit)."""
+    stack, seen = [obj], set()
+    while stack:
+        item = stack.pop()
+        if isinstance(item, _Refused):
+            return item
+        if isinstance(item, (list, tuple, dict, set, frozenset)) and id(item) not in seen:
+            seen.add(id(item))
+            stack.extend([v for kv in item.items() for v in kv] if isinstance(item, dict) else item)
+    return None
+
+
+def _refusal(found: _Refused) -> str:
+    return (f"holds the pickled global {found.name}, which is refused: only lists, dicts, strings and numbers "
+            "are read (nothing in the file was run)")
+
+
+def read_data_pickle(path: str | os.PathLike[str]) -> Any:
+    """The plain data a pickle file holds, read with every global refused; errors name the file.
+
+    A refused global is not an error here but a stand-in that :func:`load_glue_pickle` reports with the
+    record holding it; any other use should check with :func:`_refused_in`."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise EditscaleError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        return _DataOnlyUnpickler(io.BytesIO(data)).load()
+    except Exception as e:  # noqa: BLE001 - a damaged pickle fails in many ways (EOF, bad opcodes, type errors)
+        reason = str(e).splitlines()[0] if str(e).strip() else ""
+        raise RecordError(f"not a readable pickle of plain data ({type(e).__name__}{': ' + reason if reason else ''})",
+                          source=str(path)) from None
+
+
+def load_glue_pickle(task: str, path: str | os.PathLike[str]) -> list[GlueExample]:
+    """Read the paper's own subset file (scalable-model-editing/gradual-catastrophic-forgetting:
+    ``glue_eval/dataset/<task>.pkl``): a pickle of a list of dicts with the keys of the JSONL form.
+
+    The unpickler refuses every global, so a pickle that names a class or function (``os.system``) is an
+    error naming the record that holds it, and nothing in it runs."""
+    _check_task(task)
+    raw = read_data_pickle(path)
+    if isinstance(raw, _Refused):
+        raise RecordError(_refusal(raw), source=str(path))
+    if not isinstance(raw, (list, tuple)):
+        raise RecordError(f"expected a pickled list of examples, got {type(raw).__name__}", source=str(path))
+    examples: list[GlueExample] = []
+    for i, row in enumerate(raw):
+        found = _refused_in(row)
+        if found is not None:
+            field = None
+            if isinstance(row, dict):
+                field = next((str(k) for k, v in row.items() if _refused_in([k, v]) is not None), None)
+            raise RecordError(_refusal(found), index=i, field=field, source=str(path))
+        examples.append(example_from_row(task, row, source=f"{path}, record #{i}"))
+    if not examples:
+        raise RecordError("holds no examples", source=str(path))
+    _check_unique_idx(examples, lambda i: f"{path}, record #{i}")
+    return examples
+
+
+GLUE_SUFFIXES = (".jsonl", ".pkl")
+
+
+def load_glue_file(task: str, path: str | os.PathLike[str]) -> list[GlueExample]:
+    """One task's subset from ``<task>.jsonl`` or the paper's ``<task>.pkl``, chosen by the suffix."""
+    if Path(path).suffix.lower() == ".pkl":
+        return load_glue_pickle(task, path)
+    return load_glue_jsonl(task, path)
+
+
+def find_glue_file(task: str, folder: str | os.PathLike[str]) -> Path:
+    """``<task>.jsonl`` in ``folder``, else the paper's ``<task>.pkl``; an error naming both when neither is there."""
+    _check_task(task)
+    for suffix in GLUE_SUFFIXES:
+        path = Path(folder) / f"{task}{suffix}"
+        if path.is_file():
+            return path
+    raise EditscaleError(f"GLUE subset for {task} not found: expected {task}.jsonl or {task}.pkl in {folder}")
+
+
 def offline_hint(task: str) -> str:
-    return (f"pass --glue-dir DIR, a folder holding the paper's subsets as <task>.jsonl ({task}.jsonl here), "
-            "or set EDITSCALE_GLUE_DIR")
+    return (f"pass --glue-dir DIR, a folder holding the paper's subsets as <task>.jsonl or the paper's <task>.pkl "
+            f"({task}.jsonl or {task}.pkl here), or set EDITSCALE_GLUE_DIR")
 
 
 def build_glue_subset(task: str, examples: Iterable[GlueExample], rng: random.Random,

@@ -17,6 +17,10 @@ from typing import Any
 
 from editscale.errors import EditscaleError, RecordError
 
+# extra["ns"] of a record whose neighbourhood prompt is an unrelated question answered by the model
+# itself (zsRE's loc/loc_ans): its NS is the agreement of that answer's tokens before and after the edit
+NS_AGREEMENT = "agreement"
+
 
 @dataclass(frozen=True)
 class EditRecord:
@@ -51,6 +55,8 @@ class EditRecord:
     def from_dict(cls, d: Mapping[str, Any], *, index: int | None = None, source: str | None = None
                   ) -> EditRecord:
         """Build from the record's own ``to_dict`` form, validating every field."""
+        if not isinstance(d, Mapping):
+            raise RecordError(f"expected a JSON object, got {type(d).__name__}", index=index, source=source)
         case_id = d.get("case_id")
 
         def need_str(name: str) -> str:
@@ -75,27 +81,38 @@ class EditRecord:
                                       case_id=case_id, field=name, source=source)
             return out
 
+        def opt_str(name: str) -> str | None:
+            v = d.get(name)
+            if v is not None and not isinstance(v, str):
+                raise RecordError(f"expected a string, got {v!r}", index=index, case_id=case_id, field=name,
+                                  source=source)
+            return v
+
         if case_id is None:
             raise RecordError("missing required field", index=index, field="case_id", source=source)
         try:
             case_id = int(case_id)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise RecordError(f"expected an integer, got {d.get('case_id')!r}", index=index,
                               case_id=d.get("case_id"), field="case_id", source=source) from None
+        extra = d.get("extra") or {}
+        if not isinstance(extra, Mapping):
+            raise RecordError(f"expected a JSON object, got {type(extra).__name__}", index=index, case_id=case_id,
+                              field="extra", source=source)
         rec = cls(
             case_id=case_id,
             subject=need_str("subject"),
             prompt=need_str("prompt"),
             target_true=need_str("target_true"),
             target_new=need_str("target_new"),
-            relation_id=d.get("relation_id"),
+            relation_id=opt_str("relation_id"),
             paraphrase_prompts=str_list("paraphrase_prompts"),
             neighborhood_prompts=str_list("neighborhood_prompts"),
             attribute_prompts=str_list("attribute_prompts"),
             generation_prompts=str_list("generation_prompts"),
-            target_true_id=d.get("target_true_id"),
-            target_new_id=d.get("target_new_id"),
-            extra=dict(d.get("extra") or {}),
+            target_true_id=opt_str("target_true_id"),
+            target_new_id=opt_str("target_new_id"),
+            extra=dict(extra),
         )
         validate_record(rec, index=index, source=source)
         return rec
@@ -126,7 +143,8 @@ def validate_record(rec: EditRecord, *, index: int | None = None, source: str | 
         raise bad(f"prompt must contain exactly one '{{}}' for the subject, got {rec.prompt!r}", "prompt")
     try:
         rec.prompt.format(rec.subject)
-    except (IndexError, KeyError, ValueError) as e:
+    # "{.x}" or "{[k]}" beside the "{}" look up an attribute or item of the subject
+    except (IndexError, KeyError, ValueError, AttributeError, TypeError) as e:
         raise bad(f"prompt is not a valid template ({e}): {rec.prompt!r}", "prompt") from None
     if is_noop(rec):
         raise NoopRecordError(f"target_new equals target_true ({rec.target_new!r}); nothing to edit",
@@ -245,6 +263,9 @@ def not_a_dataset(raw: Any) -> str:
         first = raw[0]
         if isinstance(first, str):
             return "; this is a list of strings (a prompts file?), not edit records"
+        if isinstance(first, Mapping) and "text_completion_prompt" in first:
+            return ("; this is a file of zsRE completion prompts (give it to `editscale zsre-check --prompts`), "
+                    "not edit records: it has no true target to edit away from")
         if isinstance(first, Mapping) and "case_index" in first and "target_true" not in first:
             return ("; this looks like a companion file whose case_index points into another dataset "
                     "(QnA or completion prompts), not edit records: it has no true target to edit away from")
@@ -262,5 +283,7 @@ def read_json(path: str | os.PathLike[str]) -> Any:
                           source=str(p)) from None
     except UnicodeDecodeError as e:
         raise RecordError(f"not UTF-8 text: {e}", source=str(p)) from None
+    except RecursionError:
+        raise RecordError("JSON nested too deeply", source=str(p)) from None
     except OSError as e:
         raise EditscaleError(f"cannot read {p}: {e.strerror or e}") from None

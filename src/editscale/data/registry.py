@@ -33,6 +33,16 @@ def _factworld_insert(data_path: Path | None, on_noop: NoopHandler | None) -> li
     return insertion_records(default_world())
 
 
+def _factworld_qa(data_path: Path | None, on_noop: NoopHandler | None) -> list[EditRecord]:
+    from editscale.data.factworld import default_world
+    from editscale.data.factworld.qa import qa_mend_records
+    from editscale.data.zsre import parse_zsre
+
+    if data_path is not None:
+        raise EditscaleError("the factworld-qa dataset is generated from its seed; it takes no --data-path")
+    return parse_zsre(qa_mend_records(default_world()), source="factworld-qa", on_noop=on_noop)
+
+
 def _counterfact(data_path: Path | None, on_noop: NoopHandler | None) -> list[EditRecord]:
     from editscale.data.counterfact import load_counterfact
 
@@ -52,6 +62,7 @@ def _zsre(data_path: Path | None, on_noop: NoopHandler | None) -> list[EditRecor
 DATASETS: dict[str, Loader] = {
     "factworld": _factworld,
     "factworld-insert": _factworld_insert,
+    "factworld-qa": _factworld_qa,
     "counterfact": _counterfact,
     "zsre": _zsre,
 }
@@ -155,7 +166,7 @@ def training_records(dataset: str, n: int, *, data_path: Path | str | None = Non
     (`factworld.insert.training_records`). Other datasets have no training split: their records
     whose case_id is not in `exclude` (the evaluation sample) are used, in file order.
     """
-    if dataset in ("factworld", "factworld-insert"):
+    if dataset in ("factworld", "factworld-insert", "factworld-qa"):
         from editscale.data.factworld import default_world
         from editscale.data.factworld.insert import training_records as world_training
 

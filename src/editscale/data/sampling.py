@@ -62,7 +62,7 @@ def validate_samples(samples: Any, *, source: str | None = None) -> dict[str, li
         raise RecordError("holds no samples", source=source)
     out: dict[str, list[int]] = {}
     for key, idx in samples.items():
-        field = f'sample "{key}"'
+        field = f'sample "{key}"' if isinstance(key, str) and key.isprintable() else f"sample {key!r}"
         if not isinstance(key, str):
             raise RecordError(f"sample keys must be strings, got {key!r}", field=field, source=source)
         if not isinstance(idx, list):
@@ -96,8 +96,9 @@ def load_selection_flags(path: str | os.PathLike[str]) -> list[int]:
         raise RecordError(f"expected a JSON object, got {type(raw).__name__}", source=src)
     out = []
     for key, flag in raw.items():
-        if not key.isdigit():
-            raise RecordError(f"keys must be integer case_ids, got {key!r}", field=key, source=src)
+        if not key.isdecimal() or len(key) > 18:
+            raise RecordError(f"keys must be integer case_ids, got {key!r}", field=key if key.isprintable() else None,
+                              source=src)
         if not isinstance(flag, bool):
             raise RecordError(f"expected true or false, got {flag!r}", case_id=key, source=src)
         if flag:
@@ -210,7 +211,9 @@ def edit_order(records: Sequence[EditRecord], *, sample: int, edits: int, sample
     key = str(sample)
     where = sample_file or "the recipe's samples"
     if key not in samples:
-        raise EditscaleError(f"{where}: no sample {key}; the file holds {', '.join(sorted(samples, key=int))}")
+        held = sorted(samples, key=lambda k: (len(k), k))  # "2" before "10"
+        shown = ", ".join(k if k.isprintable() else repr(k) for k in held)
+        raise EditscaleError(f"{where}: no sample {key}; the file holds {shown}")
     wanted = samples[key]
     if edits > len(wanted):
         raise EditscaleError(f"--edits {edits} is more than sample {key} holds ({len(wanted)} records of {dataset})")

@@ -8,9 +8,10 @@ Targets. ``targets="alt"`` (default) edits ``alt`` over ``answers[0]``, the sema
 ROME/MEMIT/EMMET's ``MENDQADataset`` instead sets ``target_new = answers[0]`` and ``target_true =
 "<|endoftext|>"``; ``targets="reference"`` reproduces that for parity with their zsRE numbers.
 
-The neighbourhood prompt is ``loc + "?"`` (ROME keeps the ``"nq question: "`` prefix); its expected answer
-is ``loc_ans``, not ``target_true``, so it is stored as ``extra["neighborhood_target"]``. ROME scores it
-token by token on GPT-2 tokens of ``" " + loc_ans``; that is the evaluator's job, not the loader's.
+The neighbourhood prompt is ``loc + "?"`` (ROME keeps the ``"nq question: "`` prefix); its answer is
+``loc_ans``, not ``target_true``, so it is stored as ``extra["neighborhood_target"]`` and the record is
+marked ``extra["ns"] = "agreement"``: NS is then the agreement of the model's answer tokens before and
+after the edit (eval/proficiency.py), as MEND and EasyEdit score zsRE locality.
 ``case_id`` is the list position in the file, which is what the sample files of
 scalable-model-editing/unified-model-editing index.
 """
@@ -18,10 +19,19 @@ scalable-model-editing/unified-model-editing index.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
-from editscale.data.records import EditRecord, NoopHandler, NoopRecordError, RawRecord, not_a_dataset, read_json
+from editscale.data.records import (
+    NS_AGREEMENT,
+    EditRecord,
+    NoopHandler,
+    NoopRecordError,
+    RawRecord,
+    not_a_dataset,
+    read_json,
+)
 from editscale.data.sampling import load_sample_file
 from editscale.errors import EditscaleError, RecordError
 
@@ -71,6 +81,7 @@ def _from_mend(raw: Any, index: int, source: str, targets: Targets) -> EditRecor
             "schema": "zsre_mend",
             "targets": targets,
             "neighborhood_target": loc_ans,
+            "ns": NS_AGREEMENT,
             "answers": list(answers),
             "alt": alt,
             "pred": f.opt_str("pred"),
@@ -131,3 +142,59 @@ def load_zsre_samples(path: str | os.PathLike[str]) -> dict[str, list[int]]:
     """``zsre_sampled_unique_10_10000.json`` of scalable-model-editing/unified-model-editing: positions into
     ``zsre_mend_eval.json``."""
     return load_sample_file(path)
+
+
+@dataclass(frozen=True)
+class CompletionPrompt:
+    """A zsRE question asked in text-completion form: `prompt` should be completed by the answer."""
+
+    case_index: int  # the record's position in its MEND-format file, i.e. its case_id
+    question: str
+    prompt: str
+
+
+def parse_completion_prompts(raw: Any, *, source: str = "<memory>") -> dict[int, CompletionPrompt]:
+    """``[{case_index, question, text_completion_prompt}]`` (``zsre_text_completion_prompts.json`` of
+    scalable-model-editing/unified-model-editing) by case_index."""
+    if not isinstance(raw, list) or not raw:
+        what = "an empty list" if isinstance(raw, list) else type(raw).__name__
+        raise RecordError(f"expected a JSON list of completion prompts, got {what}", source=source)
+    out: dict[int, CompletionPrompt] = {}
+    for i, r in enumerate(raw):
+        f = RawRecord(r, index=i, source=source)
+        case = f.int_("case_index")
+        if case < 0:
+            raise f.error(f"expected a list position (>= 0), got {case}", "case_index")
+        if case in out:
+            raise f.error(f"case_index {case} appears twice", "case_index")
+        out[case] = CompletionPrompt(case, f.str_("question"), f.str_("text_completion_prompt"))
+    return out
+
+
+def load_completion_prompts(path: str | os.PathLike[str]) -> dict[int, CompletionPrompt]:
+    return parse_completion_prompts(read_json(path), source=str(path))
+
+
+def pair_completion_prompts(records: Sequence[EditRecord], prompts: Mapping[int, CompletionPrompt], *,
+                            source: str = "the completion prompts") -> list[tuple[EditRecord, CompletionPrompt]]:
+    """The records that have a completion prompt, each with it. A prompt's question must be its
+    record's question: a prompt file made for another zsRE file (the eval split's prompts with the
+    train split's records) is refused, naming the first mismatch, instead of pairing wrong facts."""
+    by_id = {r.case_id: r for r in records}
+    pairs = []
+    for case, p in sorted(prompts.items()):
+        rec = by_id.get(case)
+        if rec is None:
+            continue
+        if _question(p.question) != _question(rec.rewrite_prompt):
+            raise RecordError(f"question {p.question!r} is not record {case}'s {rec.rewrite_prompt!r}: the prompts "
+                              "were made for another file", index=case, field="question", source=source)
+        pairs.append((rec, p))
+    if not pairs:
+        raise EditscaleError(f"no record of the dataset has a completion prompt in {source} (it covers case "
+                             f"indices {min(prompts)}..{max(prompts)}); pass the zsRE file the prompts were made for")
+    return pairs
+
+
+def _question(q: str) -> str:
+    return " ".join(q.split()).rstrip("?").strip().lower()

@@ -1,22 +1,33 @@
 """Forgetting of earlier edits, checked inline every k edits (no model checkpoints; docs/protocol.md §8.4).
 
-Two criteria are tracked side by side from the same scoring pass:
+Every check re-tests every earlier edit on its rewrite prompt (one teacher-forced scoring pass, and
+one batched greedy generation when `generate` is set) and reads off its current status under each
+criterion. The headline percentages keep these criteria side by side:
 
 - paper: eligible facts are those whose edit succeeded by greedy exact match of target_new on the
-  rewrite prompt; a fact counts as forgotten at the first checkpoint where that match fails, and is
-  never re-tested (sticky), exactly as `evaluate_history.py` + `fact_forgetting.py`. The reported
+  rewrite prompt; a fact counts as forgotten at the first checkpoint where that match fails, and
+  stays forgotten (sticky), exactly as `evaluate_history.py` + `fact_forgetting.py`. The reported
   percentage at n edits is 100·#forgotten / #successful edits among the first n.
-- probability: eligible facts are those with ES = 1 right after their edit; every checkpoint
-  re-tests all of them (NLL_new < NLL_true), so facts that come back are seen.
+- probability: eligible facts are those with ES = 1 right after their edit, counted as forgotten
+  while NLL_new >= NLL_true, so facts that come back are seen.
+- generation (with `generate`): eligible facts are those whose generated answer matched right
+  after their edit (eval/generation.py), counted as forgotten while it no longer does.
+
+Each row also carries every earlier edit's current status as one character per edit, by edit index
+(`status_greedy`, `status_prob`, `status_gen`): "y" holds, "n" fails, "." not re-tested at this check
+(outside the `sample` subset), "_" never applied (its update was non-finite and skipped). The
+reference code (`evaluate_history.py`) re-evaluates every edited record, failed edits included, so
+its measure (share of earlier edits that fail now) is computable beside the paper text's (share of
+successful edits forgotten): `analysis/retention.py`. A character per edit keeps a row of a
+10,000-edit run at about 30 kB.
 
 A control set of facts the model knew before the run and that are never edited is scored at the
 same checkpoints: knowledge nobody touched, which the paper's per-edit NS does not follow.
 
-A checkpoint costs one teacher-forced row per target per re-tested edit: each edit's rows are
-tokenised once, when it is added, and scored in batches of similar length. For runs where even
-that is too dear (10,000 edits checked every 10), `sample=K` re-tests a fixed seeded subset of K
-of the run's planned edits plus every edit made since the last checkpoint; the percentages are
-then over the subset, and the row says so (`sampled`, `sample_eligible`, `tested`).
+Each edit's rows are tokenised once, when it is first checked, and scored in batches of similar
+length. For runs where even that is too dear (10,000 edits checked every 10), `sample=K` re-tests a
+fixed seeded subset of K of the run's planned edits plus every edit made since the last checkpoint;
+the percentages are then over the subset, and the row says so (`sampled`, `sample_size`, `tested`).
 """
 
 from __future__ import annotations
@@ -28,8 +39,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from editscale.data.records import EditRecord
+from editscale.eval.generation import generate_answers, judge, prompt_ids
 from editscale.eval.knowledge import Row, prompt_target_rows, score_rows
 from editscale.models.adapter import ModelAdapter
+
+# Characters of the status strings. Letters, not 1/0: a string of digits is read back as a number
+# from a CSV export or by a spreadsheet.
+HOLDS, FAILS, UNTESTED, NOT_APPLIED = "y", "n", ".", "_"
 
 
 @dataclass
@@ -37,20 +53,26 @@ class ForgettingTracker:
     records: dict[int, EditRecord] = field(default_factory=dict)  # case_id -> record, edit order
     paper_ok: dict[int, bool] = field(default_factory=dict)  # succeeded at edit time (greedy)
     prob_ok: dict[int, bool] = field(default_factory=dict)  # succeeded at edit time (ES)
+    gen_ok: dict[int, bool] = field(default_factory=dict)  # answer generated at edit time (when measured)
     paper_forgotten: dict[int, int] = field(default_factory=dict)  # case_id -> edits done when forgotten
     prob_forgotten: set[int] = field(default_factory=set)  # forgotten at the last checkpoint
     control: list[EditRecord] = field(default_factory=list)
     sample: int | None = None  # re-test this many of the planned edits (plus the last interval's); None: all
     planned: int = 0  # the run's number of edits: the subset is drawn from their indices
     seed: int = 0
+    generate: bool = False  # also generate each re-tested edit's answer (eval/generation.py)
     checked_upto: int = 0  # edits added before the last checkpoint
     _rows: dict[int, tuple[Row, Row]] = field(default_factory=dict, repr=False)  # case_id -> (new, true) rows
+    _prompt_ids: dict[int, list[int]] = field(default_factory=dict, repr=False)  # case_id -> rewrite prompt ids
     _control_rows: list[Row] = field(default_factory=list, repr=False)
 
-    def add(self, record: EditRecord, *, greedy_success: bool, es_success: bool) -> None:
+    def add(self, record: EditRecord, *, greedy_success: bool, es_success: bool,
+            gen_success: bool | None = None) -> None:
         self.records[record.case_id] = record
         self.paper_ok[record.case_id] = bool(greedy_success)
         self.prob_ok[record.case_id] = bool(es_success)
+        if gen_success is not None:
+            self.gen_ok[record.case_id] = bool(gen_success)
 
     def _subset(self) -> set[int] | None:
         """Edit indices always re-tested under `sample` (None: every edit is)."""
@@ -72,25 +94,36 @@ class ForgettingTracker:
         scores = score_rows(adapter, flat, batch_size=batch_size)
         return {c: (scores[2 * k], scores[2 * k + 1]) for k, c in enumerate(cases)}
 
-    def check(self, adapter: ModelAdapter, edits_done: int, *, batch_size: int = 256) -> dict[str, Any]:
+    def _generated(self, adapter: ModelAdapter, cases: Sequence[int]) -> dict[int, bool]:
+        """Whether each case's rewrite prompt still generates its new object (normalised match)."""
+        todo = [c for c in cases if c not in self._prompt_ids]
+        for c, ids in zip(todo, prompt_ids(adapter, [self.records[c].rewrite_prompt for c in todo]), strict=True):
+            self._prompt_ids[c] = ids
+        answers = generate_answers(adapter, [self._prompt_ids[c] for c in cases])
+        return {c: judge(a, self.records[c].target_new)[1] for c, a in zip(cases, answers, strict=True)}
+
+    def check(self, adapter: ModelAdapter, edits_done: int, *, batch_size: int = 256,
+              skipped: Sequence[int] = ()) -> dict[str, Any]:
+        """One checkpoint's row. `skipped`: the run's edit indices whose update was never applied, so
+        that the status strings are indexed by edit index."""
         t0 = time.perf_counter()
         subset = self._subset()
         order = list(self.records)
         counted = [c for i, c in enumerate(order) if subset is None or i in subset]
-        tested = set(counted) | set(order[self.checked_upto:])
-        paper_test = [c for c in order if c in tested and self.paper_ok[c] and c not in self.paper_forgotten]
-        prob_test = [c for c in order if c in tested and self.prob_ok[c]]
-        cases = list(dict.fromkeys(paper_test + prob_test))
-        scored = self._scored(adapter, cases, batch_size) if cases else {}
-        newly, now_forgotten = [], set()
-        for c in cases:
-            s_new, s_true = scored[c]
-            if c in paper_test and not s_new.greedy_match:
+        tested_set = set(counted) | set(order[self.checked_upto:])
+        tested = [c for c in order if c in tested_set]
+        scored = self._scored(adapter, tested, batch_size) if tested else {}
+        greedy = {c: bool(scored[c][0].greedy_match) for c in tested}
+        prob = {c: scored[c][0].mean_nll < scored[c][1].mean_nll for c in tested}
+        gen = self._generated(adapter, tested) if self.generate and tested else None
+        newly = []
+        for c in tested:
+            if self.paper_ok[c] and c not in self.paper_forgotten and not greedy[c]:
                 self.paper_forgotten[c] = edits_done
                 newly.append(c)
-            if c in prob_test and not s_new.mean_nll < s_true.mean_nll:
-                now_forgotten.add(c)
-        came_back = sorted((self.prob_forgotten - now_forgotten) & set(prob_test))
+        prob_test = {c for c in tested if self.prob_ok[c]}
+        now_forgotten = {c for c in prob_test if not prob[c]}
+        came_back = sorted((self.prob_forgotten - now_forgotten) & prob_test)
         self.prob_forgotten = now_forgotten
         self.checked_upto = len(order)
         # the percentages are over the edits every checkpoint re-tests: all of them, or the subset
@@ -109,10 +142,20 @@ class ForgettingTracker:
             "prob_forgotten_pct": 100.0 * prob_lost / n_prob if n_prob else 0.0,
             "prob_forgotten_ids": sorted(now_forgotten),
             "prob_came_back": came_back,
-            "tested": len(cases),
+            "tested": len(tested),
         }
+        if gen is not None:
+            gen_eligible = [c for c in counted if self.gen_ok.get(c)]
+            gen_lost = sum(not gen[c] for c in gen_eligible)
+            row.update(gen_eligible=len(gen_eligible), gen_forgotten=gen_lost,
+                       gen_forgotten_pct=100.0 * gen_lost / len(gen_eligible) if gen_eligible else 0.0,
+                       gen_correct_pct=100.0 * sum(gen[c] for c in counted) / len(counted) if counted else 0.0)
         if subset is not None:
             row.update(sampled=True, sample_size=len(counted))
+        row["status_greedy"] = _status(order, greedy, skipped)
+        row["status_prob"] = _status(order, prob, skipped)
+        if gen is not None:
+            row["status_gen"] = _status(order, gen, skipped)
         row.update(self.check_control(adapter, batch_size=batch_size))
         row["seconds"] = round(time.perf_counter() - t0, 4)
         return row
@@ -132,6 +175,7 @@ class ForgettingTracker:
     def state_dict(self) -> dict[str, Any]:
         return {"order": list(self.records), "paper_ok": {str(k): v for k, v in self.paper_ok.items()},
                 "prob_ok": {str(k): v for k, v in self.prob_ok.items()},
+                "gen_ok": {str(k): v for k, v in self.gen_ok.items()},
                 "paper_forgotten": {str(k): v for k, v in self.paper_forgotten.items()},
                 "prob_forgotten": sorted(self.prob_forgotten), "checked_upto": self.checked_upto}
 
@@ -139,10 +183,21 @@ class ForgettingTracker:
         self.records = {int(c): by_case_id[int(c)] for c in state["order"]}
         self.paper_ok = {int(k): bool(v) for k, v in state["paper_ok"].items()}
         self.prob_ok = {int(k): bool(v) for k, v in state["prob_ok"].items()}
+        self.gen_ok = {int(k): bool(v) for k, v in state.get("gen_ok", {}).items()}
         self.paper_forgotten = {int(k): int(v) for k, v in state["paper_forgotten"].items()}
         self.prob_forgotten = {int(c) for c in state["prob_forgotten"]}
         # checkpoints written before `checked_upto` existed: every edit had been checked
         self.checked_upto = int(state.get("checked_upto", len(self.records)))
+
+
+def _status(order: Sequence[int], now: dict[int, bool], skipped: Sequence[int]) -> str:
+    """One character per edit in edit order (the tracker's `order` with the `skipped` edit indices
+    put back as NOT_APPLIED): HOLDS / FAILS where re-tested now, UNTESTED elsewhere."""
+    chars = [UNTESTED if c not in now else HOLDS if now[c] else FAILS for c in order]
+    for i in sorted(skipped):
+        if i <= len(chars):
+            chars.insert(i, NOT_APPLIED)
+    return "".join(chars)
 
 
 def _true_new_rows(adapter: ModelAdapter, records: Sequence[EditRecord], batch_size: int) -> list[Row]:

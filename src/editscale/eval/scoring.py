@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import DynamicCache
 
 from editscale.errors import UnknownNameError
 from editscale.models.adapter import ModelAdapter, input_device
+from editscale.models.cache import cache_arg
 
 
 class HeadRows:
@@ -204,3 +206,46 @@ def greedy_generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], n_
             new.append(nxt)
         results.extend(torch.stack(new, dim=1).tolist())
     return results
+
+
+@torch.no_grad()
+def greedy_generate_until(model: torch.nn.Module, prompts: Sequence[Sequence[int]], max_new: int, *,
+                          pad_id: int, stop: torch.Tensor, batch_size: int = 64) -> list[list[int]]:
+    """Greedy decoding of at most ``max_new`` tokens per prompt, each row ending with the first token
+    that the boolean vocabulary mask ``stop`` marks (that token is kept), batched.
+
+    Unlike `greedy_generate`, the rows share a key/value cache: the prompts run once, right-padded,
+    then each step feeds one token per row at that row's own next position, the padding columns of
+    the cache masked (the layout of `methods/solver/targets.py`), so a row sees exactly its own
+    tokens. A batch ends when all its rows have stopped. Rows run longest first in batches of similar
+    length (`length_batches`); the outputs come back in the given order.
+    """
+    device = input_device(model)
+    head = HeadRows(model)
+    arg = cache_arg(model)
+    stop = stop.to(device)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out: list[list[int]] = [[] for _ in prompts]
+    for start, end in length_batches([len(prompts[i]) for i in order], batch_size):
+        chunk = [list(prompts[i]) for i in order[start:end]]
+        ids, mask = _pad_right(chunk, pad_id, device)
+        lengths = mask.sum(dim=1)
+        rows = torch.arange(len(chunk), device=device)
+        cache = DynamicCache()
+        logits = head(rows, lengths - 1, input_ids=ids, attention_mask=mask, use_cache=True, **{arg: cache})
+        new, done = [], torch.zeros(len(chunk), dtype=torch.bool, device=device)
+        for step in range(max_new):
+            nxt = logits.argmax(dim=-1).to(device)
+            new.append(nxt)
+            done |= stop[nxt]
+            if step + 1 == max_new or bool(done.all()):
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            logits = head(rows, torch.zeros_like(rows), input_ids=nxt[:, None], attention_mask=mask,
+                          position_ids=(lengths + step)[:, None], use_cache=True, **{arg: cache})
+        tokens = torch.stack(new, dim=1).tolist()
+        ends = stop[torch.stack(new, dim=1)].tolist()
+        for k, (row, hit) in enumerate(zip(tokens, ends, strict=True)):
+            n = hit.index(True) + 1 if True in hit else len(row)
+            out[order[start + k]] = row[:n]
+    return out

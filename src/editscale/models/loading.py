@@ -174,7 +174,7 @@ def _placement(device: Any, module: str) -> int | str:
         return device
     if isinstance(device, str):
         text = device.strip()
-        if text.isdigit():
+        if text.isdecimal():
             return int(text)
         if text in ("cpu", "disk"):
             return text
@@ -217,7 +217,7 @@ def parse_max_memory(value: str | Mapping[Any, Any] | None) -> dict[int | str, i
 
 def _memory_device(key: Any) -> int | str:
     text = str(key).strip()
-    if text.isdigit():
+    if text.isdecimal():
         return int(text)
     if text in _MEMORY_DEVICES:
         return text
@@ -362,3 +362,22 @@ def _check_preset(preset: Preset, adapter: ModelAdapter) -> None:
              if v is not None and actual[k] != v]
     if wrong:
         raise EditscaleError(f"model '{preset.name}' does not match its preset: {', '.join(wrong)}")
+
+
+def model_depth(model: str) -> dict[str, Any]:
+    """`n_layers` and `family` of a model, from a preset's table or the model's config.json (no
+    weights are read); empty when the config cannot be read, so the resolution says what to pass."""
+    from transformers import AutoConfig
+
+    from editscale.models.families import family_for
+
+    preset = find_preset(model)
+    if preset is not None and preset.n_layers and not Path(model).is_dir():
+        return {"n_layers": preset.n_layers, "family": preset.family}
+    if model == EMBEDDED:
+        return {}
+    try:
+        config = AutoConfig.from_pretrained(model)
+        return {"n_layers": int(config.num_hidden_layers), "family": family_for(config).name}
+    except (OSError, ValueError, KeyError, AttributeError, EditscaleError):
+        return {}

@@ -6,9 +6,12 @@ Every figure takes the runs (`RunData`) and one `analyze()` dict per run, and re
 
 - `proficiency_figure` (paper Fig. 1c, 3a): ES, PS and NS, in %, against the number of edits: the
   paper's blocks of 5 edits (points), and the windows of the last 5 (dotted) and 50 (solid) edits;
+  beside ES and PS, the share of generated answers that match over the last 50 edits (dashed; runs
+  that generated, docs/protocol.md §8.8);
 - `forgetting_figure` (Fig. 1d, 3b, 4): the share of earlier successful edits the model still holds,
-  by the paper's greedy criterion (solid) and by re-tested probability (dashed), and recall of
-  control facts that were never edited;
+  by the paper's greedy criterion (solid, sticky; thin: re-tested, `analysis/retention.py`), by
+  re-tested probability (dashed) and by the generated answer (dotted), and recall of control facts
+  that were never edited;
 - `downstream_figure` (Fig. 2, 3c): F1 of every downstream task, one panel each, from the unedited
   model (0 edits) on;
 - `distance_figure` (Fig. 2d, 3d): the normalised distance ||ΔW||_F / numel of every edited layer
@@ -121,16 +124,53 @@ def proficiency_series(run: RunData) -> dict[str, Curve]:
         out[f"{m}.blocks"] = Curve([edits_x(ok[(b + 1) * bucket - 1]) for b in range(len(blocks))], blocks)
         for w in (5, 50):
             out[f"{m}.w{w}"] = Curve([edits_x(r) for r in rows], [100.0 * _num(r.get(f"{m}_w{w}")) for r in rows])
+    out.update(generation_series(run))
+    return out
+
+
+GENERATED = ("es", "ps")  # the metrics with a generation-based counterpart (`gen_es`, `gen_ps`)
+
+
+def generation_series(run: RunData, window: int = 50) -> dict[str, Curve]:
+    """Keys ``gen_<metric>.w50`` for es and ps: the generation-based score (normalised match) over the last
+    `window` edits, in %, after every update; empty for a run without generated answers."""
+    from editscale.eval.proficiency import window_means
+
+    ok = run.ok_edits
+    if not any("gen_es" in r for r in ok):
+        return {}
+    last = {id(r) for r in update_rows(run)}
+    out = {}
+    for m in GENERATED:
+        values, x, y = [], [], []
+        for r in ok:
+            values.append(_num(r.get(f"gen_{m}")))
+            if id(r) in last:
+                x.append(edits_x(r))
+                y.append(100.0 * window_means(values, window))
+        out[f"gen_{m}.w{window}"] = Curve(x, y)
     return out
 
 
 def forgetting_series(run: RunData) -> dict[str, Curve]:
     """``paper`` and ``prob``: % of earlier successful edits retained (100 - forgotten) by each criterion;
-    ``control``: % of never-edited control facts still known (absent when no control facts were scored)."""
+    ``greedy_retested``: the paper's criterion re-tested, not sticky, and ``gen``: by the generated answer
+    (each absent for runs without the rows' status strings or generation); ``control``: % of never-edited
+    control facts still known (absent when no control facts were scored)."""
+    from editscale.analysis.retention import forgetting_measures
+
     rows = run.forgetting
     x = [r["edits_done"] for r in rows]
     out = {"paper": Curve(x, [100.0 - _num(r.get("paper_forgotten_pct")) for r in rows]),
            "prob": Curve(x, [100.0 - _num(r.get("prob_forgotten_pct")) for r in rows])}
+    # rows of runs from before the status strings or generation have neither curve
+    retested = [m for m in forgetting_measures(rows, run.edits) if "greedy_forgotten_pct" in m]
+    if retested:
+        out["greedy_retested"] = Curve([m["edits_done"] for m in retested],
+                                       [100.0 - _num(m["greedy_forgotten_pct"]) for m in retested])
+    gen = [r for r in rows if r.get("gen_forgotten_pct") is not None]
+    if gen:
+        out["gen"] = Curve([r["edits_done"] for r in gen], [100.0 - float(r["gen_forgotten_pct"]) for r in gen])
     control = [r for r in rows if r.get("control_known_pct") is not None]
     if control:
         out["control"] = Curve([r["edits_done"] for r in control], [float(r["control_known_pct"]) for r in control])
@@ -360,12 +400,23 @@ def proficiency_figure(runs: Sequence[RunData], analyses: Sequence[Analysis]) ->
                   linewidth=1.0)
             _plot(ax, g.bands[f"{m}.w50"], colour=g.colour, gid=_gid(m, "w50", f"g{k}"), linewidth=2.0,
                   spread=True)
+            if f"gen_{m}.w50" in g.bands:
+                _plot(ax, g.bands[f"gen_{m}.w50"], colour=g.colour, gid=_gid(f"gen_{m}", "w50", f"g{k}"),
+                      linestyle="--", linewidth=1.5)
         ax.set_title(title)
         ax.set_ylabel(f"{m.upper()} (%)")
         ax.set_ylim(-3, 103)
     styles = [("window of 50 edits", {"linewidth": 2.0}), ("window of 5 edits", {"linestyle": ":"}),
               (_block_label(runs), {"linestyle": ":", "linewidth": 0.6, "marker": "."})]
+    if any(k.startswith("gen_") for g in groups for k in g.bands):
+        styles.append(("generated answer matches, window of 50 (no teacher forcing)",
+                       {"linestyle": "--", "linewidth": 1.5}))
     return _finish(fig, axes, runs, groups, styles)
+
+
+_RETESTED = {"greedy_retested": {"linewidth": 1.0}, "gen": {"linestyle": ":", "linewidth": 2.0}}
+_RETESTED_LABELS = {"greedy_retested": "paper criterion, re-tested (not sticky)",
+                    "gen": "generated answer (re-tested, no teacher forcing)"}
 
 
 @_styled
@@ -381,11 +432,16 @@ def forgetting_figure(runs: Sequence[RunData], analyses: Sequence[Analysis]) -> 
               marker=".", spread=True)
         _plot(retained, g.bands["prob"], colour=g.colour, gid=_gid("retained", "prob", f"g{k}"), linestyle="--",
               linewidth=1.5)
+        for key, style in _RETESTED.items():
+            if key in g.bands:
+                _plot(retained, g.bands[key], colour=g.colour, gid=_gid("retained", key, f"g{k}"), **style)
     retained.set_title("Earlier successful edits retained")
     retained.set_ylabel("retained (%)")
     retained.set_ylim(-3, 103)
     styles = [("paper criterion (greedy, sticky)", {"linewidth": 2.0}),
               ("probability criterion (re-tested)", {"linestyle": "--"})]
+    styles += [(_RETESTED_LABELS[key], style) for key, style in _RETESTED.items()
+               if any(key in g.bands for g in groups)]
     if has_control:
         control = axes[1]
         _mark_phases(control, runs, analyses, groups)

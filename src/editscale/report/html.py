@@ -24,15 +24,18 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 
 from editscale.analysis.phases import PhaseRule, analyze
 from editscale.analysis.properties import distance_table, generation_examples, method_properties
+from editscale.analysis.retention import last_measures
 from editscale.analysis.rundata import RunData, load_run
 from editscale.report.figures import all_figures, save_figure
 
 FIGURE_CAPTIONS = {
     "proficiency": "Editing proficiency: ES, PS and NS of each edit right after it, in the paper's 5-edit blocks "
-                   "and as means over the last 5 (dotted) and 50 (solid) edits (paper, Figures 1c and 3a).",
+                   "and as means over the last 5 (dotted) and 50 (solid) edits (paper, Figures 1c and 3a); dashed: "
+                   "the share of generated answers that match target_new, over the last 50 edits.",
     "forgetting": "Forgetting: share of earlier successful edits still retained at each checkpoint, by the "
-                  "paper's criterion (greedy, sticky) and by probability (re-tested), and recall of never-edited "
-                  "control facts (paper, Figures 1d, 3b and 4).",
+                  "paper's criterion (greedy, sticky; thin: re-tested), by probability (re-tested) and by the "
+                  "generated answer (re-tested), and recall of never-edited control facts (paper, Figures 1d, "
+                  "3b and 4).",
     "downstream": "Downstream few-shot F1 per task against the number of edits (paper, Figures 2 and 3c).",
     "distance": "Normalised distance ||ΔW||_F / numel of each edited layer from its original weights, log scale; "
                 "disabling candidates marked (paper, Figures 2d and 3d).",
@@ -85,12 +88,22 @@ def summary_rows(runs: Sequence[RunData], analyses: Sequence[dict[str, Any]]) ->
         s = run.summary
         f1_0, f1_1 = s.get("downstream_initial_f1") or {}, s.get("downstream_final_f1") or {}
         f1 = " ".join(f"{t[:4]} {f1_0[t]:.2f}→{f1_1.get(t, float('nan')):.2f}" for t in f1_0)
+        gen = [r["gen_es"] for r in run.ok_edits if r.get("gen_es") is not None]
+        last = run.forgetting[-1] if run.forgetting else {}
+        forgotten = (f"{_fmt(s.get('paper_forgotten_pct_final'), '.0f')}% / "
+                     f"{_fmt(s.get('prob_forgotten_pct_final'), '.0f')}%")
+        if last.get("gen_forgotten_pct") is not None:
+            forgotten += f" / {_fmt(last['gen_forgotten_pct'], '.0f')}%"
+        code = last_measures(run.forgetting, run.edits)
         out.append({"run": run.path.name, "method": run.config.method, "model": Path(run.config.model).name,
                     "sample": str(run.config.sample), "batch": str(run.batch_size),
                     "edits": f"{run.edits_done}" + ("" if run.finished else " (running)"),
                     "ES": _fmt(s.get("mean_es")), "PS": _fmt(s.get("mean_ps")), "NS": _fmt(s.get("mean_ns")),
-                    "forgotten": f"{_fmt(s.get('paper_forgotten_pct_final'), '.0f')}% / "
-                                 f"{_fmt(s.get('prob_forgotten_pct_final'), '.0f')}%",
+                    "ES gen.": _fmt(sum(gen) / len(gen) if gen else None),
+                    "forgotten": forgotten,
+                    "failing now (all / successful)": f"{_fmt(code['greedy_failing_pct'], '.0f')}% / "
+                                                      f"{_fmt(code['greedy_forgotten_pct'], '.0f')}%"
+                    if code else "–",
                     "control": _fmt(s.get("control_known_pct_final"), ".0f") + "%",
                     "F1 before→after": f1 or "–",
                     "collapse": "none" if a["collapse_index"] is None else str(a["collapse_index"]),

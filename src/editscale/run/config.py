@@ -23,7 +23,8 @@ class RunConfig(BaseModel):
     model: str = Field("embedded", description="Preset name, hub name or local directory of the model to edit.")
     method: str = Field("rome", description="Editing method (see `editscale methods`).")
     dataset: str = Field("factworld", description="Dataset of the facts to edit: factworld, factworld-insert "
-                                                   "(20,000 facts about new subjects), counterfact or zsre.")
+                                                   "(20,000 facts about new subjects), factworld-qa (the "
+                                                   "world asked as zsRE questions), counterfact or zsre.")
     data_path: str | None = Field(None, description="Local dataset file (counterfact: else the published URL).")
     sample: int = Field(0, ge=0, description="Which shuffle of the unique subjects to edit, in order.")
     sample_file: str | None = Field(None, description="A sample-index file such as the paper's; else the "
@@ -45,6 +46,10 @@ class RunConfig(BaseModel):
         None, ge=1, description="Re-test a fixed seeded subset of K edits (plus the last interval's) at each "
                                 "forgetting checkpoint instead of all; the percentages are then over the subset.")
     control: int = Field(200, ge=0, description="Never-edited facts the model knew, scored with forgetting.")
+    generation: Literal["off", "edits", "all"] = Field(
+        "all", description="Generated answers judged against target_new, without teacher forcing "
+                           "(docs/protocol.md §8.8): edits (after each edit), all (also at forgetting "
+                           "checkpoints), off.")
     health: bool = Field(True, description="Loss on a fixed text and greedy continuations of fixed prompts "
                                            "at every forgetting checkpoint (health.jsonl).")
     on_nonfinite: Literal["stop", "skip"] = Field("stop", description="stop or skip when an update is NaN/inf.")
@@ -53,7 +58,8 @@ class RunConfig(BaseModel):
     downstream_every: int = Field(10, ge=0, description="Downstream evaluation every K edits (0 = never).")
     downstream_mode: Literal["paper", "logprob"] = Field("paper", description="paper (greedy, parsed) or logprob.")
     downstream_n: int = Field(200, ge=2, description="Examples per downstream task.")
-    glue_dir: str | None = Field(None, description="Folder of the paper's GLUE subsets (<task>.jsonl).")
+    glue_dir: str | None = Field(None, description="Folder of the paper's GLUE subsets (<task>.jsonl or "
+                                                  "<task>.pkl).")
     seed: int = Field(0, description="Seed of the context templates.")
     device: str = Field("cpu", description="torch device, e.g. cpu or cuda:0.")
     dtype: str = Field("float32", description="Model dtype (edited matrices and solves stay fp32 or fp64).")
@@ -64,6 +70,12 @@ class RunConfig(BaseModel):
                                                      "or a JSON mapping.")
     offload_folder: str | None = Field(None, description="Folder for weights --device-map offloads to disk (needed "
                                                          "when the checkpoint is not safetensors).")
+    templates: str | None = Field(None, description="Context templates to edit with: a JSON file of kind (rome, "
+                                                    "memit) -> templates, e.g. another run's templates.json, or one "
+                                                    "list (default: generated from the model with --seed).")
+    stats: str | None = Field(None, description="Covariance statistics to edit with instead of the cache's: a file "
+                                                "when the method edits one layer, else a folder of one per layer "
+                                                "(this cache's .safetensors or the reference's layer_stats .npz).")
     stats_cache: str | None = Field(None, description="Covariance statistics cache directory "
                                                       "(default: $EDITSCALE_CACHE/stats).")
     stats_corpus: str | None = Field(None, description="Corpus of the covariance statistics, over the method's "
@@ -75,6 +87,10 @@ class RunConfig(BaseModel):
     mend_weights: str | None = Field(None, description="MEND's trained network: a directory written by "
                                                        "`editscale train-mend`, or a published mend-*.pt file "
                                                        "(default: train-mend's cache entry for the model).")
+    numerics: Literal["default", "reference"] = Field(
+        "default", description="reference: the reference code's linear algebra (ROME, r-ROME: its fp32 inverse "
+                               "of C; MEMIT, ENCORE: already the same; other methods refuse it). "
+                               "docs/protocol.md §10.15.")
     threads: int | None = Field(None, ge=1, description="torch CPU threads of the run (default: the CPUs this "
                                                         "process may use); summary.json records the number used.")
     method_config: dict[str, Any] = Field(
@@ -86,9 +102,10 @@ class RunConfig(BaseModel):
         return validate(cls, data, source=source)
 
     def identity(self) -> dict[str, Any]:
-        """The fields that make two runs the same run (what `--out` on an existing DIR must match)."""
+        """The fields that make two runs the same run (what `--out` on an existing DIR must match).
+        `generation` adds measurements and changes no edit or other score, so it is not one of them."""
         return self.model_dump(exclude={"device", "device_map", "max_memory", "offload_folder", "stats_cache",
-                                        "threads"})
+                                        "threads", "generation"})
 
 
 class RetestRule(BaseModel):
@@ -112,8 +129,8 @@ def resolve_config(cfg: RunConfig) -> RunConfig:
     # Imported here, not at the top: the CLI builds its options from RunConfig, and `editscale
     # --help` should not wait for torch and the models.
     from editscale.data.corpora import resolve_corpus
-    from editscale.methods.base import get_method, preset_mapping, resolve_method_config
-    from editscale.models.loading import model_key
+    from editscale.methods.base import get_method, list_methods, preset_mapping, resolve_method_config
+    from editscale.models.loading import model_depth, model_key
 
     given, update = dict(cfg.method_config), {}
     method_cls = get_method(cfg.method)
@@ -122,34 +139,32 @@ def resolve_config(cfg: RunConfig) -> RunConfig:
             update["stats_corpus"] = given["mom2_dataset"] = resolve_corpus(cfg.stats_corpus)
         if cfg.stats_samples is not None:
             given["mom2_n_samples"] = cfg.stats_samples
+    if cfg.stats is not None:
+        if "mom2_dataset" not in method_cls.config_class.model_fields:
+            raise EditscaleError(f"--stats is for methods that use covariance statistics, not {cfg.method}")
+        if not Path(cfg.stats).exists():
+            raise EditscaleError(f"--stats {cfg.stats} does not exist")
+    if cfg.templates is not None:
+        from editscale.methods.solver.templates import load_templates_file
+
+        load_templates_file(cfg.templates)  # a bad file is refused before the model loads
     if cfg.mend_weights is not None:
         if "weights" not in method_cls.config_class.model_fields:
             raise EditscaleError(f"--mend-weights is for --method mend, not {cfg.method}")
         given["weights"] = cfg.mend_weights
+    has_numerics = "numerics" in method_cls.config_class.model_fields
+    if cfg.numerics == "reference":
+        if not has_numerics:
+            with_it = [m for m in list_methods() if "numerics" in get_method(m).config_class.model_fields]
+            raise EditscaleError(f"--numerics reference is not defined for --method {cfg.method} "
+                                 f"(only for {', '.join(with_it)})")
+        given["numerics"] = "reference"
     key = model_key(cfg.model)
     depth = model_depth(cfg.model) if preset_mapping(method_cls, key) is None else {}
     method_cfg = resolve_method_config(cfg.method, key, given, **depth)
+    if has_numerics:  # a method config's own `numerics: reference` shows in the run's field too
+        update["numerics"] = method_cfg.numerics
     return cfg.model_copy(update={**update, "method_config": method_cfg.model_dump(mode="json")})
-
-
-def model_depth(model: str) -> dict[str, Any]:
-    """`n_layers` and `family` of a model, from a preset's table or the model's config.json (no
-    weights are read); empty when the config cannot be read, so the resolution says what to pass."""
-    from transformers import AutoConfig
-
-    from editscale.models.families import family_for
-    from editscale.models.loading import EMBEDDED, find_preset
-
-    preset = find_preset(model)
-    if preset is not None and preset.n_layers and not Path(model).is_dir():
-        return {"n_layers": preset.n_layers, "family": preset.family}
-    if model == EMBEDDED:
-        return {}
-    try:
-        config = AutoConfig.from_pretrained(model)
-        return {"n_layers": int(config.num_hidden_layers), "family": family_for(config).name}
-    except (OSError, ValueError, KeyError, AttributeError, EditscaleError):
-        return {}
 
 
 def usable_cpus() -> int:
@@ -171,8 +186,12 @@ def versions() -> dict[str, str]:
     return out
 
 
-def dump_config(cfg: RunConfig) -> str:
-    doc = {"run": cfg.model_dump(), "versions": versions()}
+def dump_config(cfg: RunConfig, *, inputs: dict[str, Any] | None = None) -> str:
+    """config.yaml: the resolved options, the package versions and, once the editor is built, where
+    its templates and statistics came from (`inputs`)."""
+    doc: dict[str, Any] = {"run": cfg.model_dump(), "versions": versions()}
+    if inputs is not None:
+        doc["inputs"] = inputs
     return yaml.safe_dump(doc, sort_keys=False)
 
 
@@ -196,7 +215,10 @@ def load_config_and_versions(path: Path) -> tuple[RunConfig, dict[str, str]]:
     doc = read_yaml_mapping(path, "run config")
     if "run" not in doc:
         raise EditscaleError(f"{path} is not an editscale run config")
-    cfg = RunConfig.parse(doc["run"], source=str(path))
+    fields = doc["run"]
+    if isinstance(fields, dict) and "generation" not in fields:
+        fields = {**fields, "generation": "off"}  # written before generated answers existed: resumes as it started
+    cfg = RunConfig.parse(fields, source=str(path))
     return cfg.model_copy(update={"method_config": _complete(cfg, path)}), dict(doc.get("versions") or {})
 
 

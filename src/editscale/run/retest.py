@@ -30,7 +30,7 @@ from editscale.errors import EditscaleError
 from editscale.eval.drift import edited_drift
 from editscale.eval.forgetting import ForgettingTracker
 from editscale.eval.health import health_check
-from editscale.eval.proficiency import edit_scores
+from editscale.eval.proficiency import edit_scores, locality_answers
 from editscale.methods.base import EditRequest, apply_result
 from editscale.models.loading import load_model, model_key
 from editscale.run.config import RetestRule, RunConfig, load_config, resolve_config
@@ -130,8 +130,9 @@ def retest(out: str, edits: Sequence[int], *, baseline: int | None = None, seed:
             if not result.all_finite():
                 row.update(status="nonfinite", disabling=True, why=["the update is not finite"])
             else:
+                before = locality_answers(adapter, records)
                 apply_result(adapter, result)
-                scores = edit_scores(adapter, records)
+                scores = edit_scores(adapter, records, before=before)
                 drift = edited_drift(adapter, original)
                 row.update(status="ok", distance={k: d["dist"] for k, d in drift.items()},
                            distance_max=max(d["dist"] for d in drift.values()),

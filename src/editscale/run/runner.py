@@ -30,10 +30,13 @@ from editscale.errors import EditscaleError
 from editscale.eval.downstream.suite import DownstreamSuite, default_tasks, summary_row
 from editscale.eval.drift import edited_drift
 from editscale.eval.forgetting import ForgettingTracker, select_control
+from editscale.eval.generation import generation_scores
 from editscale.eval.health import health_check
-from editscale.eval.proficiency import edit_scores, window_means
+from editscale.eval.proficiency import edit_scores, locality_answers, window_means
 from editscale.methods.base import Editor, EditRequest, apply_result, get_method, in_name
 from editscale.methods.solver.context import EditContext
+from editscale.methods.solver.stats import default_cache_dir, file_digest, given_second_moments
+from editscale.methods.solver.templates import load_templates_file
 from editscale.models.adapter import EditedParams, ModelAdapter
 from editscale.models.loading import LoadedModel, load_model, model_key
 from editscale.run.checkpoint import load_checkpoint, save_checkpoint
@@ -141,9 +144,11 @@ class Runner:
 
         adapter = lm.adapter
         editor = build_editor(cfg, self.store, adapter, lm.name, progress=self.progress)
+        self.store.write_text("config.yaml", dump_config(cfg, inputs=run_inputs(cfg)))
         layers, in_layers = list(editor.config.layers), editor.in_layers
         original = adapter.snapshot(layers, biases=False, in_layers=in_layers)
-        tracker = ForgettingTracker(sample=cfg.forgetting_sample, planned=cfg.edits, seed=cfg.seed)
+        tracker = ForgettingTracker(sample=cfg.forgetting_sample, planned=cfg.edits, seed=cfg.seed,
+                                    generate=cfg.generation == "all")
         by_id = records_by_id(cfg.dataset, records)
         control_ids = self.store.read_json("control.json")
         if control_ids is None:
@@ -196,7 +201,8 @@ class Runner:
                     return state.edits_done // every > _before // every or state.edits_done == cfg.edits
 
                 if due(cfg.eval_every):
-                    self.store.append("forgetting", tracker.check(adapter, state.edits_done))
+                    self.store.append("forgetting",
+                                      tracker.check(adapter, state.edits_done, skipped=state.skipped))
                     if probe is not None:
                         self.store.append("health", {"edits_done": state.edits_done, **health_check(adapter, probe)})
                 if suite is not None and due(cfg.downstream_every):
@@ -232,8 +238,9 @@ class Runner:
         scores = None
         if not bad:
             saved = adapter.snapshot(set(result.deltas) | set(result.bias_deltas), in_layers=result.in_deltas)
+            before = locality_answers(adapter, records)  # zsRE's NS compares with the answers before the edit
             apply_result(adapter, result)
-            scores = edit_scores(adapter, records)
+            scores = edit_scores(adapter, records, before=before)
             if not all(math.isfinite(s.nll_new) and math.isfinite(s.nll_true) for s in scores):
                 adapter.restore(saved)  # the logits went non-finite: undo exactly
                 bad = sorted({*map(str, result.deltas), *map(str, result.bias_deltas),
@@ -248,16 +255,23 @@ class Runner:
         editor.after_apply(requests, result)
         drift = edited_drift(adapter, original)
         t3 = time.perf_counter()
+        # generated answers (docs/protocol.md §8.8): timed apart, so their cost per edit shows
+        gens = generation_scores(adapter, records) if self.cfg.generation != "off" else None
+        t4 = time.perf_counter()
         timings = {**{k: round(v, 5) for k, v in result.timings.items()}, "edit": round(t1 - t0, 5),
-                   "eval": round(t2 - t1, 5), "drift": round(t3 - t2, 5), "total": round(t3 - t0, 5),
+                   "eval": round(t2 - t1, 5), "drift": round(t3 - t2, 5), "total": round(t4 - t0, 5),
                    "batch_size": len(records)}
+        if gens is not None:
+            timings["generation"] = round(t4 - t3, 5)
         h = state.history
-        for record, row, sc in zip(records, rows, scores):
+        for j, (record, row, sc) in enumerate(zip(records, rows, scores)):
             h["es"].append(sc.es)
             h["ps"].append(sc.ps)
             h["ns"].append(sc.ns)
-            tracker.add(record, greedy_success=sc.rewrite_correct, es_success=sc.es == 1.0)
-            row.update(status="ok", **sc.as_row())
+            gen = gens[j] if gens is not None else None
+            tracker.add(record, greedy_success=sc.rewrite_correct, es_success=sc.es == 1.0,
+                        gen_success=None if gen is None else gen.es == 1.0)
+            row.update(status="ok", **sc.as_row(), **(gen.as_row() if gen is not None else {}))
             for w in WINDOWS:
                 for k in ("es", "ps", "ns"):
                     row[f"{k}_w{w}"] = window_means(h[k], w)
@@ -300,23 +314,48 @@ def build_editor(cfg: RunConfig, store: RunStore, adapter: ModelAdapter, model_n
     """The run's editor with its explicit inputs: the templates already in the run directory (a
     resumed run and `retest` reuse them), the seed and the statistics cache."""
     editor_cls = get_method(cfg.method)
-    templates = store.read_json("templates.json") or {}
+    stored = store.read_json("templates.json") or {}
+    templates = dict(stored)
+    if cfg.templates is not None:
+        given = load_templates_file(cfg.templates)
+        if stored and any(stored.get(k, v) != v for k, v in given.items()):
+            raise EditscaleError(f"--templates {cfg.templates} no longer holds the templates {store.root} was edited "
+                                 "with (its templates.json); restore the file or start a new run")
+        templates = {**templates, **given}
     anchors = store.read_json(ANCHORS_FILE) or {}
+    method_cfg = editor_cls.config_class.parse(cfg.method_config)
+    mom2 = given_second_moments(cfg.stats, adapter, method_cfg.layers) if cfg.stats is not None else {}
 
     def sample_requests() -> list[tuple[str, str, str]]:
         return [(r.prompt, r.subject, r.target_new)
                 for r in load_records(cfg.dataset, data_path=cfg.data_path, strict=cfg.strict)]
 
-    ctx = EditContext(model_name, seed=cfg.seed, templates=dict(templates),
+    ctx = EditContext(model_name, seed=cfg.seed, templates=dict(templates), mom2=mom2,
                       stats_cache_dir=Path(cfg.stats_cache) if cfg.stats_cache else None, progress=progress,
                       anchor_norms=dict(anchors), sample_requests=sample_requests)
-    editor = editor_cls(adapter, editor_cls.config_class.parse(cfg.method_config), ctx)
+    editor = editor_cls(adapter, method_cfg, ctx)
     editor.ensure_prepared()  # before a checkpoint is loaded: statistics come from the base model
-    if ctx.templates and ctx.templates != templates:
+    if ctx.templates and ctx.templates != stored:
         store.write_json("templates.json", ctx.templates)
     if ctx.anchor_norms and ctx.anchor_norms != anchors:
         store.write_json(ANCHORS_FILE, ctx.anchor_norms)
     return editor
+
+
+def run_inputs(cfg: RunConfig) -> dict[str, Any]:
+    """Where a run's context templates and covariance statistics came from (config.yaml `inputs`)."""
+    def given(path: str) -> dict[str, Any]:
+        return {"source": "file", "path": str(Path(path).resolve()), "sha256": file_digest(path)}
+
+    out: dict[str, Any] = {"templates": given(cfg.templates) if cfg.templates is not None else
+                           {"source": "generated from the unedited model", "seed": cfg.seed}}
+    if cfg.stats is not None:
+        out["stats"] = given(cfg.stats)
+    elif "mom2_dataset" in cfg.method_config:
+        out["stats"] = {"source": "cache", "corpus": cfg.method_config["mom2_dataset"],
+                        "n_samples": cfg.method_config.get("mom2_n_samples"),
+                        "cache_dir": str(Path(cfg.stats_cache).resolve() if cfg.stats_cache else default_cache_dir())}
+    return out
 
 
 def downstream_suite(cfg: RunConfig, model_name: str) -> DownstreamSuite | None:

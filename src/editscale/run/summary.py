@@ -34,7 +34,7 @@ def summarize(store: RunStore, cfg: RunConfig) -> dict[str, Any]:
     batch_times = {r.get("batch", r["index"]): r["timings"]["total"] for r in rows}
 
     def mean(key: str) -> float:
-        vals = [r[key] for r in rows if r[key] == r[key]]
+        vals = [r[key] for r in rows if key in r and r[key] == r[key]]
         return sum(vals) / len(vals) if vals else float("nan")
 
     downstream = store.rows("downstream")
@@ -43,6 +43,8 @@ def summarize(store: RunStore, cfg: RunConfig) -> dict[str, Any]:
         "edits_planned": cfg.edits,
         "nonfinite_edits": [r["index"] for r in store.iter_rows("edits") if r["status"] != "ok"],
         "mean_es": mean("es"), "mean_ps": mean("ps"), "mean_ns": mean("ns"),
+        # generated answers (docs/protocol.md §8.8); NaN for a run without them
+        "mean_gen_es": mean("gen_es"), "mean_gen_ps": mean("gen_ps"),
         "forgetting_mode": mode,
         "forgotten_pct_final": last.get(f"{'paper' if mode == 'paper' else 'prob'}_forgotten_pct", 0.0),
         "paper_forgotten_pct_final": last.get("paper_forgotten_pct", 0.0),

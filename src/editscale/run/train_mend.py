@@ -14,8 +14,7 @@ from editscale.methods.mend.config import MendConfig, MendTrainConfig, train_def
 from editscale.methods.mend.train import MendTrainer
 from editscale.methods.mend.weights import default_weights_dir
 from editscale.methods.solver.stats import model_fingerprint
-from editscale.models.loading import load_model, model_key
-from editscale.run.config import model_depth
+from editscale.models.loading import load_model, model_depth, model_key
 from editscale.run.runner import set_threads
 
 

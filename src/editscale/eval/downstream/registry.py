@@ -23,12 +23,11 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from editscale.config_files import read_yaml_mapping
 from editscale.data.factworld import default_world
 from editscale.data.factworld.skills import SKILL_TASKS, skill_eval_set
 from editscale.data.fewshot import TASKS_DIR, Example, FewShotFormat, format_from_spec
-from editscale.data.glue import GLUE_TASK_FIELDS, build_paper_subsets, load_glue_jsonl
+from editscale.data.glue import GLUE_TASK_FIELDS, build_paper_subsets, find_glue_file, load_glue_file
 from editscale.errors import EditscaleError, RecordError, UnknownNameError
 
 
@@ -73,10 +72,8 @@ def _glue_examples(task: str, n: int, data_dir: Path | str | None) -> list[Examp
 
     data_dir = data_dir or default_glue_dir()
     if data_dir is not None:
-        path = Path(data_dir) / f"{task}.jsonl"
-        if not path.exists():
-            raise EditscaleError(f"GLUE subset {path} not found (expected {task}.jsonl in {data_dir})")
-        subset = load_glue_jsonl(task, path)
+        # <task>.jsonl, or the paper's own <task>.pkl (read with every pickled global refused)
+        subset = load_glue_file(task, find_glue_file(task, data_dir))
     else:
         subset = build_paper_subsets()[task]  # online: rebuilt from the validation split, seed 37
     fields = GLUE_TASK_FIELDS[task]
@@ -87,46 +84,120 @@ def _jsonl_examples(path: Path, fmt: FewShotFormat, n: int) -> list[Example]:
     if not path.exists():
         raise EditscaleError(f"task examples file {path} not found")
     out: list[Example] = []
-    with open(path) as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if "label" not in row or row["label"] not in fmt.label_words:
-                raise RecordError(f"label must be one of {sorted(fmt.label_words)}", index=i, field="label",
-                                  source=str(path))
-            out.append(({k: str(v) for k, v in row.items() if k != "label"}, int(row["label"])))
+
+    def bad(msg: str, i: int, field: str | None = None) -> RecordError:
+        return RecordError(msg, index=i, field=field, source=str(path))
+
+    with open(path, "rb") as f:
+        for i, raw_line in enumerate(f):
+            try:
+                line = raw_line.decode("utf-8")
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+            except UnicodeDecodeError as err:
+                raise bad(f"not UTF-8 text ({err.reason})", i) from None
+            except json.JSONDecodeError as err:
+                raise bad(f"invalid JSON at column {err.colno}: {err.msg}", i) from None
+            except RecursionError:
+                raise bad("JSON nested too deeply", i) from None
+            if not isinstance(row, dict):
+                raise bad(f"expected a JSON object, got {type(row).__name__}", i)
+            label = row.get("label")
+            if isinstance(label, bool) or not isinstance(label, int) or label not in fmt.label_words:
+                raise bad(f"label must be one of {sorted(fmt.label_words)}, got {label!r}", i, "label")
+            fields = {}
+            for k, v in row.items():
+                if k == "label":
+                    continue
+                if isinstance(v, (dict, list)):
+                    raise bad(f"expected a text, got {type(v).__name__}", i, k)
+                fields[k] = str(v)
+            out.append((fields, label))
     return out[:n]
 
 
 def _parse_format(spec: Mapping[str, Any], where: str, known: Mapping[str, DownstreamTask]) -> FewShotFormat:
     if "like" in spec:
-        if spec["like"] not in known:
-            raise EditscaleError(f"{where}: format borrows from unknown task {spec['like']!r}")
-        return known[spec["like"]].fmt
+        like = spec["like"]
+        if not isinstance(like, str) or like not in known:
+            raise EditscaleError(f"{where}: format borrows from unknown task {like!r}")
+        return known[like].fmt
     try:
         return format_from_spec(str(spec.get("name", "")), spec)
-    except (KeyError, TypeError, ValueError) as err:
-        raise EditscaleError(f"{where}: format needs query, marker, label_words and parse_order ({err})") from err
+    except ValueError as err:
+        raise EditscaleError(f"{where}: format: {err}") from err
+
+
+SOURCE_KEYS = {"factworld": "skill", "glue": "task", "jsonl": "path"}
+
+
+def _check_source(source: Any, where: str) -> Mapping[str, Any]:
+    kinds = ", ".join(SOURCE_KEYS)
+    if not isinstance(source, Mapping) or not isinstance(source.get("kind"), str) or source["kind"] not in SOURCE_KEYS:
+        kind = source.get("kind") if isinstance(source, Mapping) else source
+        raise EditscaleError(f"{where}: source: the kind must be one of {kinds}, got {kind!r}")
+    key = SOURCE_KEYS[source["kind"]]
+    value = source.get(key)
+    allowed = {"factworld": SKILL_TASKS, "glue": GLUE_TASK_FIELDS}.get(source["kind"])
+    if not isinstance(value, str) or not value.strip() or (allowed is not None and value not in allowed):
+        choice = f"one of {', '.join(sorted(allowed))}" if allowed is not None else "a file path"
+        raise EditscaleError(f"{where}: source.{key}: expected {choice}, got {value!r}")
+    return source
+
+
+def _task_label(value: Any, where: str) -> int:
+    if not isinstance(value, bool) and isinstance(value, (int, str)):
+        try:
+            return int(value)
+        except ValueError:
+            pass
+    raise EditscaleError(f"{where}: expected an integer label, got {value!r}")
+
+
+def _demos(doc: Mapping[str, Any], fmt: FewShotFormat, where: str) -> tuple[Example, ...]:
+    demos = doc.get("demos") or []
+    if not isinstance(demos, list):
+        raise EditscaleError(f"{where}: demos: expected a list, got {type(demos).__name__}")
+    out = []
+    for i, d in enumerate(demos):
+        fields = d.get("fields") if isinstance(d, Mapping) else None
+        if not isinstance(fields, Mapping) or any(isinstance(v, (Mapping, list)) for v in fields.values()):
+            raise EditscaleError(f"{where}: demos[{i}].fields: expected a mapping of field names to texts")
+        label = _task_label(d.get("label"), f"{where}: demos[{i}].label")
+        if label not in fmt.label_words:
+            raise EditscaleError(f"{where}: demos[{i}].label: {label} has no label word "
+                                 f"(label_words has {sorted(fmt.label_words)})")
+        out.append(({str(k): str(v) for k, v in fields.items()}, label))
+    return tuple(out)
 
 
 def load_task_file(path: Path, known: Mapping[str, DownstreamTask] | None = None) -> DownstreamTask:
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise EditscaleError(f"cannot read task file {path}: {err}") from err
-    if not isinstance(doc, dict) or "name" not in doc or "format" not in doc or "source" not in doc:
+    where = str(path)
+    doc = read_yaml_mapping(path, "task file")
+    if "name" not in doc or "format" not in doc or "source" not in doc:
         raise EditscaleError(f"{path}: a task file needs name, source and format")
-    fmt = _parse_format({"name": doc["name"], **doc["format"]}, str(path), known or {})
-    demos = tuple((dict(d["fields"]), int(d["label"])) for d in doc.get("demos", []))
-    gold_to_label = {int(k): int(v) for k, v in (doc.get("gold_to_label") or {}).items()}
-    return DownstreamTask(name=doc["name"], description=doc.get("description", ""), source=doc["source"], fmt=fmt,
-                          demos=demos, gold_to_label=gold_to_label, path=str(path))
+    name, description = doc["name"], doc.get("description") or ""
+    if not isinstance(name, str) or not name.strip():
+        raise EditscaleError(f"{path}: name: expected a non-empty string, got {name!r}")
+    if not isinstance(description, str):
+        raise EditscaleError(f"{path}: description: expected a string, got {description!r}")
+    if not isinstance(doc["format"], Mapping):
+        raise EditscaleError(f"{path}: format: expected a mapping, got {type(doc['format']).__name__}")
+    source = _check_source(doc["source"], where)
+    fmt = _parse_format({"name": name, **doc["format"]}, where, known or {})
+    gold = doc.get("gold_to_label") or {}
+    if not isinstance(gold, Mapping):
+        raise EditscaleError(f"{path}: gold_to_label: expected a mapping of gold labels to labels")
+    gold_to_label = {_task_label(k, f"{path}: gold_to_label"): _task_label(v, f"{path}: gold_to_label[{k!r}]")
+                     for k, v in gold.items()}
+    return DownstreamTask(name=name, description=description, source=source, fmt=fmt,
+                          demos=_demos(doc, fmt, where), gold_to_label=gold_to_label, path=where)
 
 
 def _load_dir(folder: Path, known: dict[str, DownstreamTask]) -> dict[str, DownstreamTask]:
     # files that borrow a format ("like") are read after the ones they borrow from
-    files = sorted(folder.glob("*.yaml"), key=lambda p: ("like:" in p.read_text(), p.name))
+    files = sorted(folder.glob("*.yaml"), key=lambda p: (b"like:" in p.read_bytes(), p.name))
     for path in files:
         task = load_task_file(path, known)
         known[task.name] = task

@@ -27,6 +27,7 @@ class MemitEditor(SpreadEditor):
         c = self.mom2(step.layer).to(device, torch.float64)  # [d_mlp, d_mlp]
         k = step.keys.double()  # [d_mlp, n]
         r = step.resid.double()  # [d_model, n]
-        # solve, not an explicit inverse (docs/protocol.md §10.15); the system is SPD, fp64 as the reference
+        # solve, not an explicit inverse (docs/protocol.md §10.15); the system is SPD, fp64 as the reference:
+        # this is the reference's own arithmetic, so `numerics: reference` changes nothing here
         a = torch.linalg.solve(self.config.mom2_update_weight * c + k @ k.T, k)  # [d_mlp, n]
         return r @ a.T  # [d_model, d_mlp]

@@ -17,6 +17,7 @@ in_layers, order), and every shape and mode count is checked against the model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -100,11 +101,61 @@ def load_network(adapter: ModelAdapter, cfg: MendConfig, path: Path) -> tuple[Me
     return _load_published(adapter, cfg, published)
 
 
-def _load_own(adapter: ModelAdapter, cfg: MendConfig, path: Path) -> tuple[MendNetwork, dict[str, Any]]:
-    meta = json.loads((path / META_FILE).read_text())
+def _read_meta(file: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise EditscaleError(f"{file}: not readable JSON ({str(err).splitlines()[0]}); the file was damaged") from None
+    if not isinstance(meta, dict):
+        raise EditscaleError(f"{file}: expected a JSON object, got {type(meta).__name__}")
     if meta.get("format") != FORMAT:
-        raise EditscaleError(f"{path / META_FILE}: unknown format {meta.get('format')!r} (expected {FORMAT})")
-    sites = [(str(r), int(layer)) for r, layer in meta["sites"]]
+        raise EditscaleError(f"{file}: unknown format {meta.get('format')!r} (expected {FORMAT})")
+    missing = [k for k in ("sites", "shapes", "rank", "n_hidden") if k not in meta]
+    if missing:
+        raise EditscaleError(f"{file}: missing {', '.join(missing)}; the file was damaged or edited")
+    return meta
+
+
+def _load_checkpoint_pickle(file: Path) -> Any:
+    """A published checkpoint, read by torch's weights-only unpickler: tensors and plain data, plus
+    the transformers configuration object the released files keep under "model_config". Any other
+    global (a function a crafted file would call) is refused by name, before anything is unpickled."""
+    import importlib
+
+    from transformers import PretrainedConfig
+
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(file))
+    except Exception as err:  # noqa: BLE001 - a damaged archive fails in zipfile, pickle or torch
+        raise EditscaleError(f"{file}: not a readable torch checkpoint ({type(err).__name__})") from None
+    allowed = []
+    for name in names:
+        module, _, attr = name.rpartition(".")
+        found = None
+        if module.startswith("transformers."):
+            with contextlib.suppress(ImportError, AttributeError):
+                found = getattr(importlib.import_module(module), attr)
+        if not (isinstance(found, type) and issubclass(found, PretrainedConfig)):
+            raise EditscaleError(f"{file}: refused to unpickle {name}: a MEND checkpoint holds tensors, plain data "
+                                 "and a transformers config, nothing that runs code")
+        allowed.append(found)
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise EditscaleError(f"{file}: cannot load it ({type(err).__name__}: {reason[:200]})") from None
+
+
+def _load_own(adapter: ModelAdapter, cfg: MendConfig, path: Path) -> tuple[MendNetwork, dict[str, Any]]:
+    meta = _read_meta(path / META_FILE)
+    try:
+        sites = [(str(r), int(layer)) for r, layer in meta["sites"]]
+        [tuple(s) for s in meta["shapes"]]
+        int(meta["rank"]), int(meta["n_hidden"])
+    except (TypeError, ValueError):
+        raise EditscaleError(f"{path / META_FILE}: sites, shapes, rank or n_hidden malformed; the file was damaged "
+                             "or edited") from None
     if sites != cfg.sites():
         raise EditscaleError(f"the MEND network in {path} edits {_names(sites)}, but the method config asks for "
                              f"{_names(cfg.sites())}; set layers / in_layers / order to match")
@@ -118,8 +169,7 @@ def _load_own(adapter: ModelAdapter, cfg: MendConfig, path: Path) -> tuple[MendN
 
 
 def _load_published(adapter: ModelAdapter, cfg: MendConfig, file: Path) -> tuple[MendNetwork, dict[str, Any]]:
-    # A pickle (it holds a transformers config object): only load files you trust.
-    saved = torch.load(file, map_location="cpu", weights_only=False)
+    saved = _load_checkpoint_pickle(file)
     state = saved.get("model", saved) if isinstance(saved, dict) else None
     if not isinstance(state, dict):
         raise EditscaleError(f"{file} is not a MEND checkpoint (no state dict under 'model')")

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from editscale.methods.config import StatsConfig, TargetConfig
+from editscale.methods.config import NumericsConfig, StatsConfig, TargetConfig
 
 # How k and v enter the update (docs/protocol.md §3). "original" is the reference ROME: direction from the
 # template-averaged key k̄, denominator and residual from the bare-prompt key k0 — the mismatch the
@@ -15,8 +15,10 @@ from editscale.methods.config import StatsConfig, TargetConfig
 KeyMode = Literal["original", "random_prefix", "prompt"]
 
 
-class RomeConfig(TargetConfig, StatsConfig):
+class RomeConfig(TargetConfig, StatsConfig, NumericsConfig):
     layers: list[int]
+    # numerics "reference": u = C⁻¹k̄ by the reference's fp32 inverse of C, not the fp64 Cholesky solve
+    # (docs/protocol.md §2.4, §10.15); the rest of the update is the same in both.
     mom2_adjustment: bool = True  # False: u is the key itself, C is not used
     context_template_length_params: list[tuple[int, int]] = [(5, 10), (10, 10)]
     key_mode: KeyMode = "original"

@@ -69,10 +69,12 @@ class RomeEditor(Editor):
         (k0,), (v_cur,) = keys_at_subject(adapter, layer, [request.prompt], request.subject, cfg.fact_token)
         direction_key = k0 if cfg.key_mode == "prompt" else k_bar
         if cfg.mom2_adjustment:
-            u = ctx.solve_mom2(adapter, layer, direction_key, **cfg.stats_options())
+            # numerics "reference": fp32 C⁻¹ k̄, normalised in fp32, as kmeng01/rome `rome/compute_u.py`
+            # (docs/protocol.md §10.15); "default": fp64 Cholesky solve
+            u = ctx.solve_mom2(adapter, layer, direction_key, **cfg.stats_options(), numerics=cfg.numerics)
         else:
             u = direction_key.double()
-        u = u / u.norm()
+        u = (u / u.norm()).double()
         t1 = time.perf_counter()
 
         target = optimize_target(adapter, layer, request.prompt, request.subject, request.target_new, templates,

@@ -3,7 +3,8 @@
 The reference keeps context templates, inverse covariances and statistics in process-global caches
 (docs/protocol.md §10.16). Here one EditContext object owns them for a run: templates are seeded and can
 be passed in; statistics can be passed in per layer or are computed through the on-disk cache;
-factorisations of C are cached on the object, so a second run in the same process starts clean.
+factorisations of C (or its inverse, for `numerics: reference`) are cached on the object, so a second
+run in the same process starts clean.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 
 from editscale.errors import EditscaleError
-from editscale.methods.config import TargetConfig
+from editscale.methods.config import Numerics, TargetConfig
 from editscale.methods.solver import stats as stats_mod
 from editscale.methods.solver.anchor import reference_norm
 from editscale.methods.solver.templates import DEFAULT_LENGTH_PARAMS, generate_context_templates
@@ -38,6 +39,7 @@ class EditContext:
     anchor_norms: dict[str, float] = field(default_factory=dict)
     sample_requests: Callable[[], Sequence[tuple[str, str, str]]] | None = field(default=None, repr=False)
     _cholesky: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    _inverse: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)  # numerics "reference"
     _cond: dict[int, float] = field(default_factory=dict, repr=False)
 
     def context_templates(self, adapter: ModelAdapter,
@@ -80,8 +82,17 @@ class EditContext:
         return self.mom2[layer]
 
     def solve_mom2(self, adapter: ModelAdapter, layer: int, rhs: torch.Tensor, *, corpus: str, n_samples: int,
-                   dtype: str) -> torch.Tensor:
-        """C⁻¹ rhs in fp64 by a cached Cholesky factor (solve, not inverse: docs/protocol.md §10.15)."""
+                   dtype: str, numerics: Numerics = "default") -> torch.Tensor:
+        """C⁻¹ rhs. "default": in fp64 by a cached Cholesky factor (solve, not inverse: docs/protocol.md
+        §10.15), returned in fp64. "reference": as kmeng01/rome `rome/compute_u.py` computes ROME's u, by
+        `torch.inverse` of C as held (in `mom2_dtype`), cast to fp32, cached per layer, times the fp32
+        rhs, returned in fp32 (docs/protocol.md §10.15)."""
+        if numerics == "reference":
+            inv = self._inverse_mom2(adapter, layer, corpus=corpus, n_samples=n_samples, dtype=dtype)
+            out = inv @ rhs.float().reshape(inv.shape[0], -1).to(inv.device)
+            return out.reshape(rhs.shape).cpu()
+        if numerics != "default":
+            raise EditscaleError(f"unknown numerics '{numerics}': default or reference")
         if layer not in self._cholesky:
             c = self.second_moment(adapter, layer, corpus=corpus, n_samples=n_samples, dtype=dtype).double()
             self._cholesky[layer] = torch.linalg.cholesky(c)
@@ -89,6 +100,17 @@ class EditContext:
         chol = self._cholesky[layer]
         out = torch.cholesky_solve(rhs.double().reshape(chol.shape[0], -1).cpu(), chol)
         return out.reshape(rhs.shape)
+
+    def _inverse_mom2(self, adapter: ModelAdapter, layer: int, *, corpus: str, n_samples: int,
+                      dtype: str) -> torch.Tensor:
+        """The reference's C⁻¹ (kmeng01/rome `rome/compute_u.py: get_inv_cov`): `torch.inverse` of the
+        statistics in the dtype they are held in, then cast to fp32; computed once per layer, on the device
+        the model runs on, as the reference inverts where its model is (the GPU)."""
+        if layer not in self._inverse:
+            c = self.second_moment(adapter, layer, corpus=corpus, n_samples=n_samples, dtype=dtype)
+            self._inverse[layer] = torch.inverse(c.to(adapter.device)).float()
+            self._cond.setdefault(layer, stats_mod.condition_number(c))
+        return self._inverse[layer]
 
     def mom2_condition(self, layer: int) -> float:
         return self._cond.get(layer, float("nan"))

@@ -286,3 +286,90 @@ def condition_number(mom2: torch.Tensor) -> float:
     """cond(C) = λmax / λmin, from the symmetric eigenvalues in fp64."""
     ev = torch.linalg.eigvalsh(mom2.double())
     return float(ev[-1] / ev[0]) if ev[0] > 0 else float("inf")
+
+
+# ---------------------------------------------------------------------- statistics given to a run
+
+
+def given_second_moments(path: Path | str, adapter: ModelAdapter, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """C of each edited layer from `--stats PATH`: a file when one layer is edited, else a folder.
+
+    A file is this cache's `.safetensors` (key `mom2`, already divided by the token count) or the
+    reference's `layer_stats` `.npz` (kmeng01/rome `rome/layer_stats.py`: `mom2.mom2` summed over
+    `mom2.count` tokens). In a folder, a layer's file is found by name: this cache's `layer<L>_...`
+    or the reference's `<module path of layer L's MLP output>_<dtype>_mom2_<n>.npz`, whose module
+    path must be the model's (its role table), so statistics of another architecture are refused.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise EditscaleError(f"--stats {path} does not exist")
+    layers = list(layers)
+    if path.is_file():
+        if len(layers) != 1:
+            raise EditscaleError(f"--stats {path} is one file, but the method edits layers {layers}: pass a folder "
+                                 "holding one statistics file per layer")
+        return {layers[0]: _checked(read_second_moment(path), path, adapter, layers[0])}
+    return {layer: _checked(read_second_moment(_layer_file(path, adapter, layer)), path, adapter, layer)
+            for layer in layers}
+
+
+def _layer_file(folder: Path, adapter: ModelAdapter, layer: int) -> Path:
+    module = adapter.family.path("mlp_out").format(layer)  # type: ignore[union-attr]
+    found = sorted(folder.glob(f"layer{layer}_*.safetensors")) + sorted(folder.glob(f"{module}_*mom2*.npz"))
+    if not found:
+        others = sorted(p.name for p in folder.iterdir() if p.suffix in (".npz", ".safetensors"))[:4]
+        raise EditscaleError(f"--stats {folder} holds no statistics of layer {layer} (looked for layer{layer}_*."
+                             f"safetensors and {module}_*mom2*.npz; found {others or 'no statistics files'})")
+    if len(found) > 1:
+        raise EditscaleError(f"--stats {folder} holds {len(found)} statistics files of layer {layer} "
+                             f"({', '.join(p.name for p in found)}); keep one or pass the file")
+    return found[0]
+
+
+def read_second_moment(path: Path) -> torch.Tensor:
+    """C from one statistics file (see `given_second_moments`)."""
+    import numpy as np
+
+    try:
+        if path.suffix == ".safetensors":
+            tensors = load_file(path)
+            if "mom2" not in tensors:
+                raise EditscaleError(f"--stats {path}: no 'mom2' tensor (it holds {sorted(tensors)})")
+            return tensors["mom2"]
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as f:
+                if "mom2.mom2" not in f or "mom2.count" not in f:
+                    raise EditscaleError(f"--stats {path}: not the reference's layer statistics (no 'mom2.mom2' and "
+                                         f"'mom2.count'; it holds {sorted(f.files)})")
+                count = float(f["mom2.count"])
+                if not count > 0:
+                    raise EditscaleError(f"--stats {path}: mom2.count is {count}, not a positive number of tokens")
+                return torch.from_numpy(np.array(f["mom2.mom2"])) / count
+    except EditscaleError:
+        raise
+    except Exception as err:  # a damaged file: numpy, zipfile and safetensors each raise their own kind
+        raise EditscaleError(f"--stats {path}: cannot read it ({type(err).__name__}: {err})") from None
+    raise EditscaleError(f"--stats {path}: expected a .safetensors or .npz statistics file")
+
+
+def _checked(c: torch.Tensor, path: Path, adapter: ModelAdapter, layer: int) -> torch.Tensor:
+    d = adapter.get_mlp_out_weight(layer).shape[1]
+    if tuple(c.shape) != (d, d):
+        raise EditscaleError(f"--stats {path}: C has shape {tuple(c.shape)}, but layer {layer}'s MLP output map "
+                             f"takes {d} inputs (statistics of another model?)")
+    if not torch.isfinite(c).all():
+        raise EditscaleError(f"--stats {path}: C of layer {layer} holds non-finite values")
+    return c
+
+
+def file_digest(path: Path | str) -> str:
+    """sha256 of a file (a folder: of its files' names and contents), for a run's record of its inputs."""
+    path = Path(path)
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")) if path.is_dir() else [path]:
+        if p.is_file():
+            h.update(p.name.encode())
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()

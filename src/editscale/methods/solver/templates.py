@@ -94,3 +94,39 @@ def memit_template_groups(templates: Sequence[str]) -> list[list[str]]:
     if len(templates) < 2:
         return [list(templates)]
     return [[templates[0]], list(templates[1:])]
+
+
+def load_templates_file(path: str) -> dict[str, list[str]]:
+    """Context templates given to a run (`--templates FILE`): a JSON mapping of kind ("rome",
+    "memit") to templates, as a run's templates.json, or one list used for every kind. Each
+    template holds one "{}" where the prompt goes and no other brace."""
+    import json
+    from pathlib import Path
+
+    from editscale.errors import EditscaleError
+
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as err:
+        raise EditscaleError(f"--templates {path}: cannot read it ({err.strerror or err})") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise EditscaleError(f"--templates {path}: not JSON ({err})") from None
+    if isinstance(raw, list):
+        raw = {kind: raw for kind in TEMPLATE_KINDS}
+    if not isinstance(raw, dict) or not raw:
+        raise EditscaleError(f"--templates {path}: expected a mapping of kind ({', '.join(TEMPLATE_KINDS)}) to "
+                             f"a list of templates, or one list, got {type(raw).__name__}")
+    for kind, templates in raw.items():
+        if kind not in TEMPLATE_KINDS:
+            raise EditscaleError(f"--templates {path}: unknown kind {kind!r}; kinds: {', '.join(TEMPLATE_KINDS)}")
+        if not isinstance(templates, list) or not templates:
+            raise EditscaleError(f"--templates {path}: {kind!r} must be a non-empty list of templates")
+        for i, t in enumerate(templates):
+            rest = t.replace("{}", "", 1) if isinstance(t, str) else "{"
+            if not isinstance(t, str) or t.count("{}") != 1 or "{" in rest or "}" in rest:
+                raise EditscaleError(f"--templates {path}: {kind}[{i}] = {t!r} must be a string with one '{{}}' "
+                                     "where the prompt goes and no other brace")
+    return {kind: list(ts) for kind, ts in raw.items()}
+
+
+TEMPLATE_KINDS = ("rome", "memit")
