@@ -121,3 +121,18 @@ def run_cli(monkeypatch, capsys):
         return code, out.out, out.err
 
     return invoke
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, str]:
+    """The stub runs' world (`runner_stubs.make_world`): a tiny GPT-2 directory, a CounterFact file and
+    a downstream task folder, one per test module. A module with other needs defines its own `world`."""
+    import runner_stubs
+
+    return runner_stubs.make_world(tmp_path_factory.mktemp("world"))
+
+
+@pytest.fixture
+def tiny_tasks(world, monkeypatch) -> None:
+    """The world's task folder as the downstream tasks (`pytestmark = pytest.mark.usefixtures("tiny_tasks")`)."""
+    monkeypatch.setenv("EDITSCALE_TASKS", world["tasks"])

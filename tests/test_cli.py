@@ -14,7 +14,7 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
-import runner_stubs
+import runner_stubs  # noqa: F401 - registers the stub method the runs use
 from editscale import cli
 from editscale.embedded import checkpoint_dir
 from editscale.run.config import RunConfig
@@ -22,11 +22,6 @@ from editscale.run.config import RunConfig
 needs_embedded = pytest.mark.skipif(
     not (checkpoint_dir() / "model.safetensors").exists(),
     reason="the embedded checkpoint is not installed (train it: editscale train-embedded --install)")
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict[str, str]:
-    return runner_stubs.make_world(tmp_path_factory.mktemp("world"))
 
 
 def test_models_lists_families_and_presets(run_cli) -> None:

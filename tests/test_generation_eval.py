@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-import runner_stubs
+import runner_stubs  # noqa: F401 - registers the stub method the runs use
 from editscale.analysis.retention import forgetting_measures, last_measures
 from editscale.data.records import EditRecord
 from editscale.eval import forgetting as forgetting_mod
@@ -171,14 +171,7 @@ def test_generation_scores_of_records_batched_equal_one_at_a_time() -> None:
 # --- the runner's rows -----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict[str, str]:
-    return runner_stubs.make_world(tmp_path_factory.mktemp("world"))
-
-
-@pytest.fixture(autouse=True)
-def tiny_tasks(world, monkeypatch) -> None:
-    monkeypatch.setenv("EDITSCALE_TASKS", world["tasks"])
+pytestmark = pytest.mark.usefixtures("tiny_tasks")
 
 
 @pytest.fixture(scope="module")

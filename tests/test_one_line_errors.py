@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-import runner_stubs
+import runner_stubs  # noqa: F401 - registers the stub method the runs use
 from editscale.data.fewshot import SST2_FORMAT
 from editscale.errors import EditscaleError
 from editscale.eval.downstream import fewshot as fewshot_module
@@ -29,15 +29,7 @@ from editscale.run.runner import Runner
 from editscale.run.store import RunStore
 from tiny_models import byte_bpe_tokenizer, tiny_config
 
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict[str, str]:
-    return runner_stubs.make_world(tmp_path_factory.mktemp("world"))
-
-
-@pytest.fixture(autouse=True)
-def tiny_tasks(world, monkeypatch) -> None:
-    monkeypatch.setenv("EDITSCALE_TASKS", world["tasks"])
+pytestmark = pytest.mark.usefixtures("tiny_tasks")
 
 
 @pytest.fixture

@@ -28,14 +28,7 @@ from test_runner_unit import config, quiet, without_timings
 CHANGED = "the checkpoint was changed after it was written"
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict[str, str]:
-    return runner_stubs.make_world(tmp_path_factory.mktemp("world"))
-
-
-@pytest.fixture(autouse=True)
-def tiny_tasks(world, monkeypatch) -> None:
-    monkeypatch.setenv("EDITSCALE_TASKS", world["tasks"])
+pytestmark = pytest.mark.usefixtures("tiny_tasks")
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-import runner_stubs
+import runner_stubs  # noqa: F401 - registers the stub method the runs use
 from editscale.errors import EditscaleError
 from editscale.models.loading import load_model
 from editscale.run.checkpoint import load_checkpoint, load_run_model
@@ -28,14 +28,7 @@ from editscale.run.summary import summarize
 TESTS_DIR = Path(__file__).parent
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict[str, str]:
-    return runner_stubs.make_world(tmp_path_factory.mktemp("world"))
-
-
-@pytest.fixture(autouse=True)
-def tiny_tasks(world, monkeypatch) -> None:
-    monkeypatch.setenv("EDITSCALE_TASKS", world["tasks"])
+pytestmark = pytest.mark.usefixtures("tiny_tasks")
 
 
 def config(world: dict[str, str], **kw) -> RunConfig:
