@@ -153,6 +153,10 @@ def test_numerics_is_recorded_in_the_run_config(tmp_path) -> None:
     via_set = resolve_config(RunConfig(method="r-rome", method_config={"numerics": "reference"}))
     assert via_set.numerics == "reference"
     assert RRomeConfig.parse(via_set.method_config).numerics == "reference"
+    assert resolve_config(via_set) == via_set
+    # an explicit --numerics default overrides a method config file's reference
+    over = resolve_config(RunConfig(method="r-rome", numerics="default", method_config={"numerics": "reference"}))
+    assert over.numerics == "default" and over.method_config["numerics"] == "default"
     # MEMIT (and ENCORE, its extension) already compute as the reference: accepted, recorded
     memit = resolve_config(RunConfig(method="memit", numerics="reference"))
     assert MemitConfig.parse(memit.method_config).numerics == "reference"

@@ -80,7 +80,7 @@ def comparison_rows(dirs: list[Path | str]) -> list[dict[str, Any]]:
         out.append({"run": str(d), "method": cfg.method, "batch": cfg.batch_size,
                     "model": Path(cfg.model).name or cfg.model, "model_path": cfg.model, "sample": cfg.sample,
                     "edits": summary.get("edits_done"), "finished": store.exists("summary.json"),
-                    "mean_es": summary.get("mean_es"),
+                    "mean_es": summary.get("mean_es"), "mean_gen_es": summary.get("mean_gen_es"),
                     "mean_ps": summary.get("mean_ps"), "mean_ns": summary.get("mean_ns"),
                     "forgotten_paper": summary.get("paper_forgotten_pct_final"),
                     "forgotten_prob": summary.get("prob_forgotten_pct_final"),
@@ -89,10 +89,10 @@ def comparison_rows(dirs: list[Path | str]) -> list[dict[str, Any]]:
     return out
 
 
-COMPARISON_COLUMNS = ("run", "method", "B", "model", "sample", "edits", "ES", "PS", "NS", "forgot paper",
+COMPARISON_COLUMNS = ("run", "method", "B", "model", "sample", "edits", "ES", "ES gen", "PS", "NS", "forgot paper",
                       "forgot prob")
 # the compact form's headers, for terminals too narrow for the full one (two-line headers are narrower)
-COMPACT_COLUMNS = ("run", "method", "B", "model", "smp", "edits", "ES", "PS", "NS", "forgot\np/pr")
+COMPACT_COLUMNS = ("run", "method", "B", "model", "smp", "edits", "ES", "ES\ngen", "PS", "NS", "forgot\np/pr")
 
 
 def _fmt(x: Any, fmt: str) -> str:
@@ -122,7 +122,7 @@ def comparison_cells(rows: list[dict[str, Any]], compact: bool = False) -> tuple
         header = [*COMPACT_COLUMNS, *(["F1\n" + "/".join(_initials(tasks))] if tasks else []), "max\ndrift",
                   "collapse\nat"]
         cells = [[Path(r["run"]).name, r["method"], str(r["batch"]), r["model"], str(r["sample"]),
-                  f(r["edits"], "d") + ("" if r["finished"] else "*"), _short(r["mean_es"]),
+                  f(r["edits"], "d") + ("" if r["finished"] else "*"), _short(r["mean_es"]), _short(r["mean_gen_es"]),
                   _short(r["mean_ps"]), _short(r["mean_ns"]),
                   f"{f(r['forgotten_paper'], '.0f')}/{f(r['forgotten_prob'], '.0f')}%",
                   *(["/".join(_short(r["f1"].get(x)) for x in tasks)] if tasks else []),
@@ -132,6 +132,7 @@ def comparison_cells(rows: list[dict[str, Any]], compact: bool = False) -> tuple
     header = [*COMPARISON_COLUMNS, *[f"F1 {x}" for x in tasks], "max drift", "collapse at"]
     cells = [[Path(r["run"]).name, r["method"], str(r["batch"]), r["model"], str(r["sample"]),
               f(r["edits"], "d") + ("" if r["finished"] else " (running)"), f(r["mean_es"], ".2f"),
+              f(r["mean_gen_es"], ".2f"),
               f(r["mean_ps"], ".2f"), f(r["mean_ns"], ".2f"), f(r["forgotten_paper"], ".0f") + "%",
               f(r["forgotten_prob"], ".0f") + "%", *[f(r["f1"].get(x), ".2f") for x in tasks],
               f(r["max_drift"], ".2e"), "none" if r["collapse"] is None else str(r["collapse"])]
@@ -152,7 +153,8 @@ class ComparisonTable:
         caption = None
         if compact:
             tasks = sorted({t for r in self.rows for t in r["f1"]})
-            notes = ["smp: sample", "forgot p/pr: % of edits forgotten (paper / prob criterion)"]
+            notes = ["smp: sample", "ES gen: the new object generated (docs/protocol.md §8.8)",
+                     "forgot p/pr: % of edits forgotten (paper / prob criterion)"]
             if tasks:
                 notes.append(f"F1 {'/'.join(_initials(tasks))}: {', '.join(tasks)}")
             if not all(r["finished"] for r in self.rows):

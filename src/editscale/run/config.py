@@ -153,12 +153,12 @@ def resolve_config(cfg: RunConfig) -> RunConfig:
             raise EditscaleError(f"--mend-weights is for --method mend, not {cfg.method}")
         given["weights"] = cfg.mend_weights
     has_numerics = "numerics" in method_cls.config_class.model_fields
-    if cfg.numerics == "reference":
-        if not has_numerics:
-            with_it = [m for m in list_methods() if "numerics" in get_method(m).config_class.model_fields]
-            raise EditscaleError(f"--numerics reference is not defined for --method {cfg.method} "
-                                 f"(only for {', '.join(with_it)})")
-        given["numerics"] = "reference"
+    if cfg.numerics == "reference" and not has_numerics:
+        with_it = [m for m in list_methods() if "numerics" in get_method(m).config_class.model_fields]
+        raise EditscaleError(f"--numerics reference is not defined for --method {cfg.method} "
+                             f"(only for {', '.join(with_it)})")
+    if has_numerics and (cfg.numerics == "reference" or "numerics" in cfg.model_fields_set):
+        given["numerics"] = cfg.numerics  # given explicitly, `default` too: it overrides a method config file
     key = model_key(cfg.model)
     depth = model_depth(cfg.model) if preset_mapping(method_cls, key) is None else {}
     method_cfg = resolve_method_config(cfg.method, key, given, **depth)
