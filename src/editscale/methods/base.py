@@ -289,7 +289,7 @@ def get_method(name: str) -> type[Editor]:
     try:
         return _METHODS[name.lower()]
     except KeyError:
-        raise UnknownNameError(f"unknown method '{name}'; known methods: {', '.join(sorted(_METHODS))}") from None
+        raise UnknownNameError(f"unknown method {name!r}; known methods: {', '.join(sorted(_METHODS))}") from None
 
 
 def list_methods() -> list[str]:
