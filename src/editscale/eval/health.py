@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from editscale.data.probes import Probe
+from editscale.eval.generation import prompt_ids
 from editscale.eval.scoring import greedy_generate, score_continuations
 from editscale.models.adapter import ModelAdapter
 
@@ -29,7 +30,6 @@ def health_check(adapter: ModelAdapter, probe: Probe, *, n_new: int = 12) -> dic
     scores = score_continuations(adapter.model, rows, pad_id=adapter.pad_token_id)
     n_tokens = sum(len(t) for _, t in rows)
     nll = sum(s.sum_nll for s in scores) / n_tokens if n_tokens else float("nan")
-    prompts = [tok(p, add_special_tokens=True)["input_ids"] for p in probe.prompts]
-    outs = greedy_generate(adapter.model, prompts, n_new, pad_id=adapter.pad_token_id)
+    outs = greedy_generate(adapter.model, prompt_ids(adapter, probe.prompts), n_new, pad_id=adapter.pad_token_id)
     gens = [{"prompt": p, "text": tok.decode(o, skip_special_tokens=True)} for p, o in zip(probe.prompts, outs)]
     return {"text_nll": round(nll, 5), "generations": gens, "seconds": round(time.perf_counter() - t0, 4)}
